@@ -1,0 +1,143 @@
+"""The one signature every attention kernel shares, and the checks and helpers behind it.
+
+    out = attn(q, k, v, causal=True, alibi_slopes=None, rope=None)
+    out, entropy = attn(q, k, v, causal=True, return_entropy=True)
+
+q: (batch, heads, nq, head_dim); k, v: (batch, kv_heads, nk, head_dim), kv_heads dividing heads,
+query head h reads kv head h // (heads // kv_heads). Queries are end-aligned with the keys: query i
+sits at position nk - nq + i, so nq == nk in training and nq == 1 when decoding from a cache.
+Causal: query at position p sees keys j <= p. alibi_slopes: (heads,), bias -m_h |p - j|.
+rope: a `position.Rotary`, applied as `position/__init__.py` describes.
+entropy: (batch, heads, nq) in nats, of the attention distribution the mechanism really uses.
+Low-precision inputs (bf16, fp16) are computed in float32 and the output is cast back.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from transformer_comparison.position.rope import Rotary
+
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+class AttentionKernel(ABC):
+    """Base class: subclasses set `name` and implement `attend` on validated, full-precision inputs."""
+
+    name: ClassVar[str]
+    supports_non_causal: ClassVar[bool] = True
+
+    def __call__(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        *,
+        causal: bool = True,
+        alibi_slopes: Tensor | None = None,
+        rope: Rotary | None = None,
+        return_entropy: bool = False,
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        check_qkv(q, k, v, alibi_slopes, causal)
+        if not causal and not self.supports_non_causal:
+            raise ValueError(f"{self.name} attention is causal only; use causal=True")
+        input_dtype = q.dtype
+        if input_dtype in LOW_PRECISION:
+            q, k, v = q.float(), k.float(), v.float()
+        if alibi_slopes is not None:
+            alibi_slopes = alibi_slopes.to(device=q.device, dtype=q.dtype)
+        out, entropy = self.attend(q, k, v, causal=causal, alibi_slopes=alibi_slopes, rope=rope, need_entropy=return_entropy)
+        out = out.to(input_dtype)
+        return (out, entropy) if return_entropy else out
+
+    @abstractmethod
+    def attend(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        *,
+        causal: bool,
+        alibi_slopes: Tensor | None,
+        rope: Rotary | None,
+        need_entropy: bool,
+    ) -> tuple[Tensor, Tensor | None]:
+        """Return (out, entropy or None). Softmax kernels call `rotate_qk` first."""
+
+    def __repr__(self) -> str:
+        options = ", ".join(f"{key}={value!r}" for key, value in vars(self).items())
+        return f"{type(self).__name__}({options})"
+
+
+def rotate_qk(q: Tensor, k: Tensor, rope: Rotary | None) -> tuple[Tensor, Tensor]:
+    """Apply RoPE to q and k before the scores (every softmax kernel); identity without it."""
+    return (q, k) if rope is None else rope.rotate_qk(q, k)
+
+
+def check_positive_int(name: str, value: object, mechanism: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{mechanism}: {name} must be an integer >= 1, got {value!r}")
+    return value
+
+
+def check_qkv(q: Tensor, k: Tensor, v: Tensor, alibi_slopes: Tensor | None, causal: bool) -> None:
+    """Raise ValueError naming the problem when shapes do not follow the kernel API."""
+    for label, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 4:
+            raise ValueError(f"{label} must have 4 dims (batch, heads, n, head_dim), got shape {tuple(t.shape)}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    batch, heads, nq, head_dim = q.shape
+    _, kv_heads, nk, _ = k.shape
+    if k.shape[0] != batch or k.shape[3] != head_dim:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must share batch and head_dim")
+    if kv_heads < 1 or heads % kv_heads:
+        raise ValueError(f"kv_heads ({kv_heads}) must divide heads ({heads}); valid kv_heads: {divisors(heads)}")
+    if nq > nk:
+        raise ValueError(f"q has more positions ({nq}) than k ({nk}); queries are end-aligned with the keys")
+    if not (q.dtype == k.dtype == v.dtype) or not q.is_floating_point():
+        raise ValueError(f"q, k, v must share one floating dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if alibi_slopes is not None and tuple(alibi_slopes.shape) != (heads,):
+        raise ValueError(f"alibi_slopes must have shape ({heads},), got {tuple(alibi_slopes.shape)}")
+
+
+def divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def group_queries(q: Tensor, kv_heads: int) -> Tensor:
+    """(B, H, n, D) -> (B, kv_heads, H // kv_heads, n, D): the queries that share one kv head, together.
+
+    Scores are then `q5 @ k.unsqueeze(2).transpose(-1, -2)`, broadcasting the kv head over its
+    group instead of materialising repeated K/V copies.
+    """
+    batch, heads, n, head_dim = q.shape
+    return q.view(batch, kv_heads, heads // kv_heads, n, head_dim)
+
+
+def ungroup(x: Tensor) -> Tensor:
+    """(B, KV, G, ...) -> (B, KV * G, ...), the inverse of `group_queries` on the leading dims."""
+    return x.flatten(1, 2)
+
+
+def grouped_slopes(alibi_slopes: Tensor | None, kv_heads: int) -> Tensor | None:
+    """(H,) -> (KV, G, 1, 1) so it broadcasts over grouped scores (B, KV, G, nq, nk)."""
+    if alibi_slopes is None:
+        return None
+    return alibi_slopes.view(kv_heads, -1, 1, 1)
+
+
+def query_key_positions(nq: int, nk: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """End-aligned positions: keys 0..nk-1, queries nk-nq..nk-1."""
+    k_positions = torch.arange(nk, device=device)
+    return k_positions[nk - nq :], k_positions
+
+
+def entropy_from_logits(scores: Tensor, probs: Tensor) -> Tensor:
+    """H = -sum p log p from masked scores and their softmax; exact zeros contribute 0."""
+    log_probs = torch.log_softmax(scores, dim=-1)
+    return -(probs * torch.where(probs > 0, log_probs, torch.zeros_like(log_probs))).sum(-1)

@@ -1,0 +1,25 @@
+"""Sinusoidal absolute positions (Vaswani et al. 2017, "Attention Is All You Need", section 3.5).
+
+PE[pos, 2i] = sin(pos / 10000^(2i/dim)),  PE[pos, 2i+1] = cos(pos / 10000^(2i/dim)).
+Added to the token embeddings once, before the first block; the attention kernels never see it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+def sinusoidal_encoding(num_positions: int, dim: int, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Return the (num_positions, dim) table; `dim` may be odd (the last cosine is dropped)."""
+    if num_positions < 0 or dim < 1:
+        raise ValueError(f"sinusoidal_encoding needs num_positions >= 0 and dim >= 1, got {num_positions}, {dim}")
+    position = torch.arange(num_positions, dtype=torch.float64).unsqueeze(1)
+    even_dims = torch.arange(0, dim, 2, dtype=torch.float64)
+    angle = position * torch.exp(-math.log(10000.0) * even_dims / dim)
+    table = torch.zeros(num_positions, dim, dtype=torch.float64)
+    table[:, 0::2] = torch.sin(angle)
+    table[:, 1::2] = torch.cos(angle[:, : dim // 2])
+    return table.to(dtype)
