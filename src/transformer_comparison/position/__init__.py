@@ -20,4 +20,14 @@ from transformer_comparison.position.sinusoidal import sinusoidal_encoding
 
 POSITION_TYPES: tuple[str, ...] = ("sinusoidal", "rope", "alibi")
 
-__all__ = ["POSITION_TYPES", "Rotary", "alibi_bias", "alibi_slopes", "apply_rope", "sinusoidal_encoding"]
+__all__ = ["POSITION_TYPES", "kernel_position_args", "Rotary", "alibi_bias", "alibi_slopes", "apply_rope", "sinusoidal_encoding"]
+
+
+def kernel_position_args(position_type: str, num_heads: int, rope_base: float = 10000.0) -> dict:
+    """What an attention kernel receives for this encoding: {"rope": Rotary | None, "alibi_slopes": Tensor | None}."""
+    if position_type not in POSITION_TYPES:
+        raise ValueError(f"unknown position embedding {position_type!r}; valid: {', '.join(POSITION_TYPES)}")
+    return {
+        "rope": Rotary(rope_base) if position_type == "rope" else None,
+        "alibi_slopes": alibi_slopes(num_heads) if position_type == "alibi" else None,
+    }

@@ -1,0 +1,77 @@
+"""`tcompare generate`: sample text from a trained run (temperature 0 is greedy decoding)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from transformer_comparison.checkpoint import load_checkpoint
+from transformer_comparison.config import Config, load_config
+from transformer_comparison.data import Tokenizer, load_tokenizer
+from transformer_comparison.errors import UserError
+from transformer_comparison.model import GPT
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--run", type=Path, required=True, metavar="DIR", help="a run directory written by tcompare train")
+    parser.add_argument("--prompt", default="\n", help="text to continue")
+    parser.add_argument("--max_new_tokens", type=int, default=200)
+    parser.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    parser.add_argument("--top_k", type=int, default=None, help="sample among the k most likely tokens")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def load_run(run_dir: Path) -> tuple[GPT, Tokenizer, Config]:
+    """The trained model (eval mode, CPU), its tokenizer and config, from a run directory."""
+    from transformer_comparison.train import build_model
+
+    for name in ("config.yaml", "tokenizer.json", "checkpoints/latest.pt"):
+        if not (run_dir / name).is_file():
+            raise UserError(f"{run_dir} is not a finished tcompare run: {name} is missing")
+    cfg = load_config(run_dir / "config.yaml")
+    tokenizer = load_tokenizer(run_dir / "tokenizer.json")
+    state = load_checkpoint(run_dir / "checkpoints" / "latest.pt")
+    model = build_model(cfg, cfg.model.vocab_size or tokenizer.vocab_size)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as error:
+        raise UserError(f"the checkpoint in {run_dir} does not match its config.yaml ({str(error).splitlines()[0]})") from None
+    return model.eval(), tokenizer, cfg
+
+
+@torch.no_grad()
+def sample(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperature: float, top_k: int | None, generator: torch.Generator) -> torch.Tensor:
+    """Append max_new_tokens tokens to idx (1, n), recomputing the forward pass over the last context_length tokens."""
+    for _ in range(max_new_tokens):
+        logits, _, _ = model(idx[:, -model.config.context_length :])
+        idx = torch.cat((idx, next_token(logits[:, -1, :], temperature, top_k, generator)), dim=1)
+    return idx
+
+
+def next_token(logits: torch.Tensor, temperature: float, top_k: int | None, generator: torch.Generator) -> torch.Tensor:
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.max_new_tokens < 0:
+        raise UserError(f"--max_new_tokens must be >= 0, got {args.max_new_tokens}")
+    if args.temperature < 0:
+        raise UserError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
+    if args.top_k is not None and args.top_k < 1:
+        raise UserError(f"--top_k must be >= 1, got {args.top_k}")
+    model, tokenizer, _ = load_run(args.run)
+    prompt_ids = tokenizer.encode(args.prompt)
+    if not prompt_ids:
+        raise UserError("--prompt is empty after tokenisation; give at least one character")
+    generator = torch.Generator().manual_seed(args.seed)
+    out = sample(model, torch.tensor([prompt_ids]), args.max_new_tokens, args.temperature, args.top_k, generator)
+    print(tokenizer.decode(out[0].tolist()))
+    return 0

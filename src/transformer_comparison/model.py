@@ -1,0 +1,164 @@
+"""A GPT language model (in the spirit of nanoGPT's model.py) whose attention is any registered mechanism.
+
+Token embedding tied to the output head, `num_layers` pre-LayerNorm blocks (attention from the
+registry, then an MLP), a final LayerNorm, GPT-2 initialisation. The positional encoding comes from
+`transformer_comparison.position`: sinusoidal is added to the embeddings; RoPE and ALiBi are handed
+to the attention kernel (position.kernel_position_args).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+from torch.nn import functional as F
+
+from transformer_comparison.attention import build_attention
+from transformer_comparison.position import kernel_position_args, sinusoidal_encoding
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int
+    context_length: int = 64
+    d_model: int = 128
+    num_heads: int = 4
+    num_layers: int = 4
+    num_kv_heads: int | None = None  # None: as many kv heads as query heads
+    dropout: float = 0.0
+    bias: bool = False
+    attention_type: str = "dot_product"
+    attention_options: dict[str, Any] = field(default_factory=dict)
+    position_embedding: str = "sinusoidal"
+    rope_base: float = 10000.0
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.num_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.num_heads, self.kv_heads, self.head_dim = config.num_heads, config.kv_heads, config.head_dim
+        self.qkv = nn.Linear(config.d_model, (config.num_heads + 2 * config.kv_heads) * config.head_dim, bias=config.bias)
+        self.proj = nn.Linear(config.d_model, config.d_model, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+        self.kernel = build_attention(config.attention_type, **config.attention_options)
+        position_args = kernel_position_args(config.position_embedding, config.num_heads, config.rope_base)
+        self.rope = position_args["rope"]
+        self.register_buffer("alibi_slopes", position_args["alibi_slopes"], persistent=False)
+
+    def split_heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        batch, n, _ = x.shape
+        q_size, kv_size = self.num_heads * self.head_dim, self.kv_heads * self.head_dim
+        q, k, v = self.qkv(x).split((q_size, kv_size, kv_size), dim=-1)
+        q = q.view(batch, n, self.num_heads, self.head_dim).transpose(1, 2)
+        k = k.view(batch, n, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(batch, n, self.kv_heads, self.head_dim).transpose(1, 2)
+        return q, k, v
+
+    def merge_heads(self, y: Tensor) -> Tensor:
+        batch, _, n, _ = y.shape
+        return self.dropout(self.proj(y.transpose(1, 2).reshape(batch, n, -1)))
+
+    def forward(self, x: Tensor, return_entropy: bool = False) -> tuple[Tensor, Tensor | None]:
+        q, k, v = self.split_heads(x)
+        result = self.kernel(q, k, v, causal=True, alibi_slopes=self.alibi_slopes, rope=self.rope, return_entropy=return_entropy)
+        y, entropy = result if return_entropy else (result, None)
+        return self.merge_heads(y), entropy
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.fc = nn.Linear(config.d_model, 4 * config.d_model, bias=config.bias)
+        self.proj = nn.Linear(4 * config.d_model, config.d_model, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.dropout(self.proj(F.gelu(self.fc(x))))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.d_model, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.d_model, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x: Tensor, return_entropy: bool = False) -> tuple[Tensor, Tensor | None]:
+        attended, entropy = self.attn(self.ln_1(x), return_entropy)
+        x = x + attended
+        return x + self.mlp(self.ln_2(x)), entropy
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.token_embedding = nn.Embedding(config.vocab_size, config.d_model)
+        if config.position_embedding == "sinusoidal":
+            self.register_buffer("position_table", sinusoidal_encoding(config.context_length, config.d_model), persistent=False)
+        else:
+            self.position_table = None
+        self.dropout = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.num_layers))
+        self.ln_f = nn.LayerNorm(config.d_model, bias=config.bias)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.lm_head.weight = self.token_embedding.weight  # weight tying
+        self.apply(self._init_weights)
+        for name, param in self.named_parameters():  # GPT-2: scale residual projections by 1/sqrt(2 * layers)
+            if name.endswith("proj.weight"):
+                nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * config.num_layers))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def flops_per_token(self) -> int:
+        """Training FLOPs per token, 6N + 12 L d T (Kaplan et al. 2020 / PaLM appendix B), N without embeddings.
+
+        The attention term counts dense attention over the full context; it is an upper bound for the
+        efficient mechanisms, whose real cost the kernel benchmark measures.
+        """
+        c = self.config
+        non_embedding = self.num_parameters() - self.token_embedding.weight.numel()
+        return 6 * non_embedding + 12 * c.num_layers * c.d_model * c.context_length
+
+    def sinusoidal_positions(self, n: int) -> Tensor:
+        """The first n rows of the sinusoidal table; computed afresh beyond the training context (extrapolation)."""
+        if n <= self.position_table.shape[0]:
+            return self.position_table[:n]
+        return sinusoidal_encoding(n, self.config.d_model).to(self.position_table.device)
+
+    def forward(
+        self, idx: Tensor, targets: Tensor | None = None, return_entropy: bool = False
+    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """Return (logits, loss or None, entropy (layers, batch, heads, n) or None)."""
+        x = self.token_embedding(idx)
+        if self.position_table is not None:
+            x = x + self.sinusoidal_positions(idx.shape[1])
+        x = self.dropout(x)
+        entropies = []
+        for block in self.blocks:
+            x, entropy = block(x, return_entropy)
+            entropies.append(entropy)
+        logits = self.lm_head(self.ln_f(x))
+        loss = None if targets is None else F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+        return logits, loss, torch.stack(entropies) if return_entropy else None
