@@ -1,0 +1,372 @@
+"""`tcompare eval`: length extrapolation, validation perplexity of a trained run at lengths beyond its training context.
+
+For each evaluation length L the run's own validation split (its config's `data` section, checked
+against the run's tokenizer.json) is cut into windows of L input tokens (+1 for the last target):
+
+* non-overlapping (the default, stride S = L): windows start at 0, L, 2L, ...; every target of every
+  window is scored, so the first targets of each window have little context. At L equal to the
+  training context these are exactly the windows `tcompare train` evaluates on when
+  `training.eval_batches` is null, and the loss is the same.
+* sliding (`--stride S`, 1 <= S <= L; Press et al. 2022, "Train Short, Test Long", section 4.2):
+  windows start at 0, S, 2S, ...; the first window scores all L targets, every later window only
+  its last S, so each target is scored exactly once, with L - S to L - 1 tokens of context
+  (the first window's targets with fewer).
+
+With N validation tokens there are W = (N - 1 - L) // S + 1 windows (the first `--max_windows` of
+them when capped) and L + (W - 1) * S scored targets: validation tokens 1 .. L + (W - 1) * S,
+contiguous, each once. Fewer than S (sliding) or L (non-overlapping) tokens at the end of the split
+are left unscored. The loss is the mean next-token cross-entropy over the scored targets (nats),
+computed in float32 with the model in eval mode under no_grad, accumulated in float64.
+
+Writes RUN/extrapolation.csv (`eval_length, stride, val_loss, val_perplexity` then `num_windows,
+tokens_scored, train_context_length, attention_type, position_embedding`), RUN/extrapolation.png
+and prints a table. `plot_extrapolation(rows_by_run, path)` draws several runs on one figure (the
+comparison report reuses it); `read_extrapolation_csv(path)` reads the CSV back with numbers typed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import math
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from transformer_comparison.errors import UserError
+
+CSV_COLUMNS = [
+    "eval_length", "stride", "val_loss", "val_perplexity",
+    "num_windows", "tokens_scored", "train_context_length", "attention_type", "position_embedding",
+]
+DEFAULT_BATCH_TOKENS = 4096  # default windows per forward pass: max(1, DEFAULT_BATCH_TOKENS // L)
+DEFAULT_LENGTHS = "64,128,256,512,1024"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--run", type=Path, required=True, metavar="DIR", help="a run directory written by tcompare train")
+    parser.add_argument("--lengths", nargs="+", default=[DEFAULT_LENGTHS], metavar="L[,L...]",
+                        help=f"evaluation lengths in tokens, comma- or space-separated (default {DEFAULT_LENGTHS})")
+    parser.add_argument("--stride", metavar="S",
+                        help="sliding-window evaluation: windows every S tokens, scoring the last S of each "
+                             "(default: S = L, non-overlapping windows, every token scored)")
+    parser.add_argument("--max_windows", metavar="N", help="evaluate only the first N windows per length (default: all)")
+    parser.add_argument("--batch_size", metavar="B", help=f"windows per forward pass (default: max(1, {DEFAULT_BATCH_TOKENS} // L))")
+    parser.add_argument("--device", default="auto", help="auto (cuda when available, else cpu), cpu, cuda, cuda:N, mps")
+    parser.add_argument("--out", type=Path, metavar="FILE",
+                        help="the CSV to write (default DIR/extrapolation.csv); the plot goes next to it as FILE with .png")
+
+
+# ----------------------------------------------------------------------------------------------
+# argument checks
+
+
+def positive_int(name: str, text: Any) -> int:
+    """`text` as an int >= 1, or a UserError naming the option."""
+    value = str(text).strip()
+    try:
+        number = int(value)
+    except ValueError:
+        raise UserError(f"{name} must be a positive integer, got {value!r}") from None
+    if number < 1:
+        raise UserError(f"{name} must be a positive integer, got {number}")
+    return number
+
+
+def parse_lengths(values: str | Sequence[str]) -> list[int]:
+    """'64,128' or ['64', '128'] or ['64,128', '256'] -> sorted distinct positive lengths."""
+    items = [values] if isinstance(values, str) else list(values)
+    parts = [part for item in items for part in str(item).split(",")]
+    if not any(part.strip() for part in parts):
+        raise UserError("--lengths is empty; give positive integers such as 64,128,256")
+    return sorted({positive_int("--lengths", part) for part in parts if part.strip()})
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name!r} is not a device; valid: auto, cpu, cuda, cuda:N, mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda but no CUDA device is available; valid here: auto, cpu")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError("--device mps but MPS is not available; valid here: auto, cpu")
+    return device
+
+
+# ----------------------------------------------------------------------------------------------
+# windows and scoring
+
+
+@dataclass(frozen=True)
+class WindowPlan:
+    """Which windows are evaluated at one length, and which of their targets are scored.
+
+    Window i holds inputs tokens[starts[i] : starts[i] + length] and targets one token later;
+    its targets at offsets score_from[i] .. length - 1 are scored.
+    """
+
+    length: int
+    stride: int
+    starts: np.ndarray
+    score_from: np.ndarray
+
+    @property
+    def num_windows(self) -> int:
+        return len(self.starts)
+
+    @property
+    def tokens_scored(self) -> int:
+        return int(np.sum(self.length - self.score_from))
+
+
+def window_plan(num_tokens: int, length: int, stride: int | None = None, max_windows: int | None = None) -> WindowPlan:
+    """The windows of `length` inputs over a split of `num_tokens` tokens (module docstring).
+
+    stride None means non-overlapping (stride = length). Zero windows when num_tokens < length + 1.
+    """
+    stride = length if stride is None else stride
+    if not 1 <= stride <= length:
+        raise UserError(f"--stride must be between 1 and the evaluation length {length}, got {stride}")
+    count = max(0, (num_tokens - 1 - length) // stride + 1) if num_tokens >= length + 1 else 0
+    if max_windows is not None:
+        count = min(count, max_windows)
+    starts = np.arange(count, dtype=np.int64) * stride
+    score_from = np.full(count, length - stride, dtype=np.int64)
+    if count:
+        score_from[0] = 0
+    return WindowPlan(length, stride, starts, score_from)
+
+
+@torch.no_grad()
+def score_windows(model: torch.nn.Module, tokens: np.ndarray, plan: WindowPlan, batch_size: int, device: torch.device) -> float:
+    """Mean next-token loss (nats) over the scored targets of `plan`; the model is put in eval mode."""
+    from transformer_comparison.train import windows_to_batch
+
+    if plan.num_windows == 0:
+        raise ValueError("score_windows needs at least one window")
+    was_training = model.training
+    model.eval()
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    offsets = torch.arange(plan.length, device=device)
+    for begin in range(0, plan.num_windows, batch_size):
+        x, y = windows_to_batch(tokens, plan.starts[begin : begin + batch_size], plan.length, device)
+        logits, _, _ = model(x)
+        losses = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="none").view_as(y)
+        score_from = torch.from_numpy(plan.score_from[begin : begin + batch_size]).to(device)
+        scored = offsets[None, :] >= score_from[:, None]
+        total += losses.double().masked_fill(~scored, 0.0).sum()
+    model.train(was_training)
+    return total.item() / plan.tokens_scored
+
+
+def perplexity(loss: float) -> float:
+    try:
+        return math.exp(loss)
+    except OverflowError:
+        return math.inf
+
+
+def evaluate_lengths(
+    model: torch.nn.Module,
+    tokens: np.ndarray,
+    lengths: Sequence[int],
+    stride: int | None = None,
+    max_windows: int | None = None,
+    batch_size: int | None = None,
+    device: torch.device | str = "cpu",
+) -> tuple[list[dict[str, Any]], dict[int, str]]:
+    """Rows (eval_length, stride, val_loss, val_perplexity, num_windows, tokens_scored) for each length
+    that fits in `tokens`, and {length: why it was skipped} for those that do not."""
+    device = torch.device(device)
+    rows: list[dict[str, Any]] = []
+    skipped: dict[int, str] = {}
+    for length in lengths:
+        plan = window_plan(len(tokens), length, stride, max_windows)
+        if plan.num_windows == 0:
+            skipped[length] = (f"the validation split has {len(tokens)} tokens, fewer than one window of "
+                               f"{length} inputs + 1 target ({length + 1})")
+            continue
+        per_batch = batch_size or max(1, DEFAULT_BATCH_TOKENS // length)
+        loss = score_windows(model, tokens, plan, per_batch, device)
+        rows.append({"eval_length": length, "stride": plan.stride, "val_loss": loss, "val_perplexity": perplexity(loss),
+                     "num_windows": plan.num_windows, "tokens_scored": plan.tokens_scored})
+    return rows, skipped
+
+
+# ----------------------------------------------------------------------------------------------
+# a run
+
+
+def load_run_and_validation(run_dir: Path, device: torch.device) -> tuple[torch.nn.Module, np.ndarray, Any]:
+    """The run's model (eval mode, on `device`), its validation tokens and its config.
+
+    The validation split is rebuilt from the run's config; its tokenizer must be the run's
+    tokenizer.json, else the tokens would not mean what the model learned.
+    """
+    from transformer_comparison.data import prepare_data
+    from transformer_comparison.generate import load_run
+
+    if not run_dir.exists():
+        raise UserError(f"run directory {run_dir} does not exist")
+    if not run_dir.is_dir():
+        raise UserError(f"{run_dir} is not a directory; give --run a run directory written by tcompare train")
+    model, tokenizer, cfg = load_run(run_dir)
+    data = prepare_data(cfg.data, cfg.model.vocab_size)
+    if data.tokenizer.identity != tokenizer.identity:
+        raise UserError(
+            f"the validation data rebuilt from {run_dir / 'config.yaml'} is tokenised differently from the run's tokenizer.json "
+            f"({data.tokenizer.name} with {data.tokenizer.vocab_size} symbols, identity {data.tokenizer.identity}, vs "
+            f"{tokenizer.name} with {tokenizer.vocab_size} symbols, identity {tokenizer.identity}): the dataset or "
+            f"data.cache_dir changed since training"
+        )
+    return model.to(device).eval(), data.val, cfg
+
+
+def run(args: argparse.Namespace) -> int:
+    lengths = parse_lengths(args.lengths)
+    stride = None if args.stride is None else positive_int("--stride", args.stride)
+    max_windows = None if args.max_windows is None else positive_int("--max_windows", args.max_windows)
+    batch_size = None if args.batch_size is None else positive_int("--batch_size", args.batch_size)
+    if stride is not None and stride > lengths[0]:
+        raise UserError(f"--stride {stride} is larger than the evaluation length {lengths[0]}; "
+                        f"the stride must be between 1 and the smallest length")
+    device = resolve_device(args.device)
+    run_dir: Path = args.run
+    out_csv: Path = args.out or run_dir / "extrapolation.csv"
+
+    model, val, cfg = load_run_and_validation(run_dir, device)
+    rows, skipped = evaluate_lengths(model, val, lengths, stride, max_windows, batch_size, device)
+    if not rows:
+        raise UserError(f"no evaluation length fits the validation split of {run_dir} ({len(val)} tokens): "
+                        f"lengths up to {len(val) - 1} can be evaluated")
+    for row in rows:
+        row.update(train_context_length=cfg.model.context_length, attention_type=cfg.attention.type,
+                   position_embedding=cfg.position.type)
+    for length, why in skipped.items():
+        print(f"tcompare eval: skipping length {length}: {why}", file=sys.stderr)
+
+    out_csv.parent.mkdir(parents=True, exist_ok=True)
+    write_extrapolation_csv(rows, out_csv)
+    out_png = plot_extrapolation({f"{cfg.attention.type} + {cfg.position.type}": rows}, out_csv.with_suffix(".png"))
+    print(format_table(rows, skipped, cfg.model.context_length))
+    print(f"wrote {out_csv} and {out_png}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# output
+
+
+def format_table(rows: Sequence[Mapping[str, Any]], skipped: Mapping[int, str], train_context_length: int) -> str:
+    header = f"{'eval_length':>11}  {'stride':>6}  {'windows':>7}  {'tokens':>8}  {'val_loss':>8}  {'perplexity':>10}"
+    lines = [header]
+    entries = [(int(r["eval_length"]), r) for r in rows] + [(length, None) for length in skipped]
+    for length, row in sorted(entries, key=lambda entry: entry[0]):
+        note = "  (training context)" if length == train_context_length else ""
+        if row is None:
+            lines.append(f"{length:>11}  {'':>6}  {'':>7}  {'':>8}  {'skipped (validation split too short)'}")
+        else:
+            lines.append(f"{length:>11}  {row['stride']:>6}  {row['num_windows']:>7}  {row['tokens_scored']:>8}  "
+                         f"{row['val_loss']:>8.4f}  {row['val_perplexity']:>10.3f}{note}")
+    return "\n".join(lines)
+
+
+def write_extrapolation_csv(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
+    """Write rows with CSV_COLUMNS (first) atomically; losses with full float precision."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({key: (repr(value) if isinstance(value, float) else value) for key, value in row.items()})
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(buffer.getvalue())
+    os.replace(tmp, path)
+
+
+def read_extrapolation_csv(path: str | Path) -> list[dict[str, Any]]:
+    """Rows of an extrapolation.csv with int / float columns typed (strings stay strings)."""
+    ints = {"eval_length", "stride", "num_windows", "tokens_scored", "train_context_length"}
+    floats = {"val_loss", "val_perplexity"}
+    rows = []
+    with Path(path).open(newline="") as handle:
+        for raw in csv.DictReader(handle):
+            row: dict[str, Any] = dict(raw)
+            for key in ints & row.keys():
+                row[key] = int(row[key]) if row[key] not in (None, "") else None
+            for key in floats & row.keys():
+                row[key] = float(row[key]) if row[key] not in (None, "") else math.nan
+            rows.append(row)
+    return rows
+
+
+def _number(value: Any) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def plot_extrapolation(rows_by_run: Mapping[str, Sequence[Mapping[str, Any]]], path: str | Path, title: str | None = None) -> Path:
+    """Plot validation perplexity against evaluation length, one line per run, and save a PNG.
+
+    rows_by_run: {legend label: rows}, each row a mapping with `eval_length` and `val_perplexity`
+    (numbers or numeric strings, e.g. straight from csv.DictReader or read_extrapolation_csv) and
+    optionally `train_context_length`. Points with a missing or non-finite perplexity are left out.
+    The x axis is log2 (ticks at the plotted lengths), the y axis log when the perplexities span more
+    than a factor of 5 (linear otherwise); every distinct training context is marked by a dotted
+    vertical line. Returns the path written. Uses matplotlib's object API (no pyplot state).
+    """
+    from matplotlib.figure import Figure
+
+    path = Path(path)
+    fig = Figure(figsize=(6.4, 4.2))
+    ax = fig.subplots()
+    contexts: set[int] = set()
+    lengths: set[float] = set()
+    values: list[float] = []
+    plotted = 0
+    for label, rows in rows_by_run.items():
+        points = sorted(
+            (_number(row.get("eval_length")), _number(row.get("val_perplexity"))) for row in rows
+        )
+        points = [(x, y) for x, y in points if math.isfinite(x) and math.isfinite(y) and x > 0 and y > 0]
+        contexts |= {int(c) for c in (_number(row.get("train_context_length")) for row in rows) if math.isfinite(c)}
+        if points:
+            ax.plot([x for x, _ in points], [y for _, y in points], marker="o", ms=4, label=str(label))
+            lengths |= {x for x, _ in points}
+            values += [y for _, y in points]
+            plotted += 1
+    for context in sorted(contexts):
+        ax.axvline(context, color="grey", linestyle=":", linewidth=1.2, label=f"training context ({context})")
+    if plotted:
+        ax.set_xscale("log", base=2)
+        if max(values) / min(values) > 5:  # a log y axis only when perplexities span a wide range
+            ax.set_yscale("log")
+        ticks = sorted(lengths | set(contexts))
+        ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+        ax.legend(fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "no finite perplexities to plot", ha="center", va="center", transform=ax.transAxes)
+    ax.set_xlabel("evaluation length (tokens)")
+    ax.set_ylabel("validation perplexity")
+    ax.set_title(title or "Length extrapolation")
+    ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(buffer.getvalue())
+    os.replace(tmp, path)
+    return path

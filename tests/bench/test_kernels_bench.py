@@ -1,0 +1,145 @@
+"""`tcompare bench kernels`: end to end at tiny lengths, failure statuses, memory sanity, crossover maths."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+
+from transformer_comparison.attention import build_attention
+from transformer_comparison.bench import kernels
+from transformer_comparison.bench.memory import measure_peak, memtracker_peak
+from transformer_comparison.cli import main
+
+FAST = ["--min_run_time", "0.01", "--threads", "1"]
+
+
+def read_rows(path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        return list(reader.fieldnames or []), list(reader)
+
+
+@pytest.mark.slow
+def test_end_to_end_writes_csv_and_plots(tmp_path: Path) -> None:
+    out = tmp_path / "bench"
+    rc = main(["bench", "kernels", "--lengths", "32,64", "--mechanisms", "dot_product", "--out", str(out), *FAST])
+    assert rc == 0
+    columns, rows = read_rows(out / "kernels.csv")
+    assert columns[:6] == ["mechanism", "seq_len", "pass", "time_ms", "peak_memory_bytes", "status"]
+    assert [(r["mechanism"], int(r["seq_len"]), r["pass"]) for r in rows] == [
+        ("dot_product", 32, "forward"), ("dot_product", 64, "forward"),
+        ("dot_product", 32, "forward_backward"), ("dot_product", 64, "forward_backward"),
+    ]
+    for row in rows:
+        assert row["status"] == "ok", row
+        assert float(row["time_ms"]) > 0
+        assert int(row["peak_memory_bytes"]) > 0
+        assert row["threads"] == "1" and row["kv_heads"] == "8" and row["device"] == "cpu"
+    for name in ("kernels_time.png", "kernels_memory.png"):
+        assert (out / name).stat().st_size > 0
+    columns, _ = read_rows(out / "kernels_crossover.csv")
+    assert columns == ["mechanism", "pass", "metric", "crossover_seq_len"]
+
+
+def test_crossover_rows_per_mechanism_pass_and_metric() -> None:
+    def row(mechanism: str, n: int, time_ms: float | None, memory: int | None, status: str = "ok") -> dict:
+        return {"mechanism": mechanism, "seq_len": n, "pass": "forward", "time_ms": time_ms,
+                "peak_memory_bytes": memory, "status": status}
+
+    rows = [row("dot_product", 100, 1.0, 400), row("dot_product", 400, 16.0, 6400),
+            row("dot_product", 1600, None, None, "oom"),
+            row("flash", 100, 4.0, 100), row("flash", 400, 4.0, 400), row("flash", 1600, 16.0, 1600)]
+    got = {(r["mechanism"], r["metric"]): r["crossover_seq_len"] for r in kernels.crossovers(rows)}
+    assert got == {("flash", "time"): "200", ("flash", "memory"): "below smallest length"}
+
+
+def test_unknown_mechanism_exits_2_with_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "bench"
+    rc = main(["bench", "kernels", "--mechanisms", "dot_product,nope", "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2
+    assert len(err) == 1 and "nope" in err[0] and "dot_product" in err[0] and "torch_sdpa" in err[0]
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("bad", [["--lengths", "32,x"], ["--lengths", "0"], ["--dtype", "int8"],
+                                 ["--passes", "backward"], ["--kv_heads", "3"]])
+def test_bad_input_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str], bad: list[str]) -> None:
+    assert main(["bench", "kernels", *bad, "--out", str(tmp_path / "b")]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised without CUDA")
+def test_cuda_without_cuda_exits_2(tmp_path: Path) -> None:
+    assert main(["bench", "kernels", "--device", "cuda", "--out", str(tmp_path / "b")]) == 2
+
+
+def test_timeout_is_recorded_not_raised(tmp_path: Path) -> None:
+    out = tmp_path / "bench"
+    rc = main(["bench", "kernels", "--lengths", "32,64", "--mechanisms", "dot_product", "--passes", "forward",
+               "--timeout", "0.05", "--out", str(out)])
+    assert rc == 0
+    _, rows = read_rows(out / "kernels.csv")
+    assert [r["status"] for r in rows] == ["timeout", "skipped (timeout at n=32)"]
+    assert rows[0]["time_ms"] == "" and rows[0]["peak_memory_bytes"] == ""
+
+
+def test_out_of_memory_is_recorded(tmp_path: Path) -> None:
+    if not Path("/proc/self/status").exists():
+        pytest.skip("the memory cap needs Linux /proc")
+    case = case_for("dot_product", 1024, "forward") | {"memory_limit": 0.002}  # 2 MiB: the 32 MiB scores cannot fit
+    assert kernels.run_case(case, timeout=120)["status"] == "oom"
+
+
+def case_for(mechanism: str, n: int, pass_name: str) -> dict:
+    """One validated case, as the command builds it (CPU, one thread)."""
+    parser = argparse.ArgumentParser()
+    kernels.add_arguments(parser)
+    ns = parser.parse_args(["--lengths", str(n), "--mechanisms", mechanism, "--passes", pass_name,
+                            "--device", "cpu", "--threads", "1", "--min_run_time", "0.01"])
+    (case,) = kernels.build_cases(ns)
+    return case
+
+
+def test_memory_covers_the_score_matrix_grows_with_n_and_repeats() -> None:
+    heads = 8
+    peaks = {}
+    for n in (512, 1024):
+        result = kernels.measure_case(case_for("dot_product", n, "forward"))
+        assert result["status"] == "ok"
+        peaks[n] = result["peak_memory_bytes"]
+        assert peaks[n] >= heads * n * n * 4  # the float32 score matrix alone
+    assert peaks[1024] > 3 * peaks[512]  # O(n^2)
+    again = kernels.measure_case(case_for("dot_product", 512, "forward"))["peak_memory_bytes"]
+    assert again == peaks[512]
+
+
+def test_allocator_peak_agrees_with_memtracker_for_unfused_ops() -> None:
+    case = case_for("dot_product", 256, "forward_backward")
+    inputs = kernels.make_inputs(case, 256)
+    step = kernels.make_step(build_attention("dot_product"), inputs, True, "forward_backward")
+    step()
+    device = torch.device("cpu")
+    peak = measure_peak(step, device, inputs)
+    assert peak.method == "allocator_events"
+    assert abs(peak.bytes - memtracker_peak(step, device, inputs)) <= 64  # to the byte, bar a scalar
+    assert measure_peak(step, device, inputs).bytes == peak.bytes
+
+
+def test_crossover_interpolates_in_log_space() -> None:
+    # ratio 2 at n=100, 0.5 at n=400: log-linear, ratio 1 at n=200
+    assert kernels.crossover([100, 400], [2.0, 0.5]) == "200"
+    assert kernels.crossover([100, 400], [0.5, 0.25]) == "below smallest length"
+    assert kernels.crossover([100, 400], [0.5, 1.5]) == "never"
+    assert kernels.crossover([100, 400], [2.0, None]).startswith("<= 400")
+    assert kernels.crossover([], []) == "no data"
+
+
+def test_gqa_defaults_to_a_quarter_of_the_heads() -> None:
+    assert kernels.default_kv_heads("gqa", 8) == 2
+    assert kernels.default_kv_heads("gqa", 14) == 2  # largest divisor of 14 that is <= 3
+    assert kernels.default_kv_heads("dot_product", 8) == 8
