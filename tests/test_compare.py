@@ -1,0 +1,268 @@
+"""`tcompare compare` end to end on a tiny grid: results, report, resume, failures, interrupts, bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from transformer_comparison import compare
+from transformer_comparison.attention import ATTENTION_TYPES
+from transformer_comparison.cli import build_parser, main
+from transformer_comparison.config import load_config
+from transformer_comparison.position import POSITION_TYPES
+
+REPO = Path(__file__).resolve().parents[1]
+WORDS = "the quick brown fox jumps over a lazy dog while the cat sat on the mat and sang".split()
+
+
+@pytest.fixture(scope="module")
+def tiny_config(tmp_path_factory) -> Path:
+    """A tiny model and a few steps on a small local text file, W&B off."""
+    root = tmp_path_factory.mktemp("tiny")
+    text = " ".join(WORDS[(i * 7 + i // 3) % len(WORDS)] for i in range(6000))
+    (root / "tiny.txt").write_text(text)
+    config = {
+        "model": {"d_model": 16, "num_heads": 2, "num_layers": 1, "context_length": 16},
+        "training": {"batch_size": 4, "max_steps": 6, "warmup_steps": 1, "eval_interval": 3, "eval_batches": 2,
+                     "checkpoint_interval": 3, "device": "cpu", "dtype": "float32", "seed": 7},
+        "data": {"dataset": str(root / "tiny.txt"), "cache_dir": str(root / "cache")},
+        "logging": {"wandb": "disabled", "log_interval": 2},
+    }
+    path = root / "tiny.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.fixture(autouse=True)
+def one_thread(monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # tiny models: threads only add contention on a shared machine
+
+
+GRID = ["--attention_types", "gqa,dot_product", "--position_embeddings", "rope,alibi"]
+
+
+def compare_args(config: Path, out: Path, *extra: str) -> list[str]:
+    return ["compare", "--config", str(config), "--out", str(out), *extra]
+
+
+def read_rows(out: Path) -> list[dict[str, str]]:
+    with (out / "results.csv").open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+@pytest.fixture(scope="module")
+def tiny_comparison(tiny_config, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("cmp") / "grid"
+    old = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = "1"
+    try:
+        assert main(compare_args(tiny_config, out, *GRID)) == 0
+    finally:
+        if old is None:
+            os.environ.pop("OMP_NUM_THREADS")
+        else:
+            os.environ["OMP_NUM_THREADS"] = old
+    return out
+
+
+def snapshot(run: Path) -> dict[str, tuple[int, bytes]]:
+    return {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in run.iterdir() if p.is_file()}
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def test_end_to_end(tiny_comparison, capsys):
+    out = tiny_comparison
+    rows = read_rows(out)
+    assert [(r["attention_type"], r["position_embedding"], r["seed"]) for r in rows] == [
+        ("dot_product", "rope", "7"), ("dot_product", "alibi", "7"), ("gqa", "rope", "7"), ("gqa", "alibi", "7")]
+    assert list(rows[0])[:3] == ["attention_type", "position_embedding", "seed"]
+    assert all(r["status"] == "completed" and float(r["final_val_loss"]) > 0 and r["steps"] == "6" for r in rows)
+    assert rows[2]["num_kv_heads"] == "1" and rows[0]["num_kv_heads"] == "2"
+    assert len(json.loads((out / "results.json").read_text())) == 4
+    with (out / "aggregate.csv").open(newline="") as handle:
+        assert len(list(csv.DictReader(handle))) == 4
+    for row in rows:
+        run = out / row["run"]
+        assert (run / "train.log").is_file() and (run / "summary.json").is_file()
+        assert json.loads((run / "cell.json").read_text())["status"] == "completed"
+    comparison = json.loads((out / "comparison.json").read_text())
+    assert comparison["grid"] == {"attention_types": ["dot_product", "gqa"], "position_embeddings": ["rope", "alibi"],
+                                  "seeds": 1, "base_seed": 7}
+    assert load_config(out / "comparison_config.yaml").model.d_model == 16
+    md, page = (out / "report.md").read_text(), (out / "report.html").read_text()
+    assert "Ranking by validation loss" in md and "Parameter counts differ" in md
+    images = re.findall(r'<img [^>]*src="([^"]+)"', page)
+    assert len(images) >= 4 and all(src.startswith("data:image/png;base64,") for src in images)
+    # `tcompare report DIR` rebuilds it from the saved files
+    (out / "report.md").unlink()
+    (out / "report.html").unlink()
+    assert main(["report", str(out)]) == 0
+    assert (out / "report.md").read_text() == md
+    assert (out / "report.html").is_file()
+
+
+def test_resume_skips_completed_and_finishes_the_rest(tiny_comparison, tiny_config, tmp_path):
+    out = tmp_path / "grid"
+    shutil.copytree(tiny_comparison, out)
+    runs = out / "runs"
+    (runs / "dot_product-alibi-seed7" / "summary.json").unlink()  # killed after its last checkpoint: resumed
+    (runs / "gqa-rope-seed7" / "summary.json").unlink()  # killed before any checkpoint: trained again
+    shutil.rmtree(runs / "gqa-rope-seed7" / "checkpoints")
+    untouched = {name: snapshot(runs / name) for name in ("dot_product-rope-seed7", "gqa-alibi-seed7")}
+    assert main(compare_args(tiny_config, out, *GRID)) == 0
+    for name, files in untouched.items():
+        assert snapshot(runs / name) == files
+    resumed = json.loads((runs / "dot_product-alibi-seed7" / "cell.json").read_text())
+    fresh = json.loads((runs / "gqa-rope-seed7" / "cell.json").read_text())
+    assert (resumed["action"], resumed["attempts"], fresh["action"], fresh["attempts"]) == ("resume", 2, "fresh", 2)
+    assert all(r["status"] == "completed" for r in read_rows(out))
+
+
+def test_failing_cell_does_not_stop_the_others(tiny_config, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    argv = compare_args(tiny_config, out, "--attention_types", "dot_product", "--position_embeddings", "rope,alibi")
+    plan = compare.make_plan(build_parser().parse_args(argv))
+    compare.prepare_output_dir(plan, None, "test")
+    broken = plan.run_dir(plan.cells[0])  # the first cell finds an unreadable checkpoint and fails on resume
+    (broken / "checkpoints").mkdir(parents=True)
+    (broken / "checkpoints" / "latest.pt").write_bytes(b"not a checkpoint")
+    shutil.copy(plan.config_path, broken / "config.yaml")
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "1 of 2 runs did not complete" in err[-1]
+    rows = {r["position_embedding"]: r for r in read_rows(out)}
+    assert rows["rope"]["status"] == "failed" and "corrupt" in rows["rope"]["error"]
+    assert rows["alibi"]["status"] == "completed"
+    md = (out / "report.md").read_text()
+    assert "Runs that did not complete" in md and "corrupt" in md
+    # the same command retries it (from scratch, since resuming failed) and completes the comparison
+    assert main(argv) == 0
+    assert all(r["status"] == "completed" for r in read_rows(out))
+
+
+def test_interrupt_then_resume(tiny_config, tmp_path):
+    out = tmp_path / "cmp"
+    argv = compare_args(tiny_config, out, "--attention_types", "local", "--position_embeddings", "alibi", "training.max_steps=1000000",
+                        "training.time_budget_seconds=3", "training.eval_interval=100000", "training.checkpoint_interval=100000")
+    process = subprocess.Popen([sys.executable, "-m", "transformer_comparison", *argv], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    run = out / "runs" / "local-alibi-seed7"
+    deadline = time.monotonic() + 120
+    while not ((run / "metrics.jsonl").is_file() and (run / "metrics.jsonl").stat().st_size):
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.1)
+    os.killpg(process.pid, signal.SIGINT)  # Ctrl-C on a terminal reaches the whole process group
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert "interrupted" in stderr.strip().splitlines()[-1]
+    (row,) = read_rows(out)
+    assert row["status"] == "interrupted"
+    assert (run / "checkpoints" / "latest.pt").is_file()
+    assert compare.cell_action(run) == "resume"
+    # the same command continues the run from its checkpoint to the end of its (3 s) budget
+    assert main(argv) == 0
+    record = json.loads((run / "cell.json").read_text())
+    assert (record["action"], record["status"], record["attempts"]) == ("resume", "completed", 2)
+    assert json.loads((run / "summary.json").read_text())["train_time_seconds"] >= 3
+
+
+# ----------------------------------------------------------------------------------------------
+# plans and bad input (nothing trained)
+
+
+def plan_for(*argv: str) -> compare.Plan:
+    return compare.make_plan(build_parser().parse_args(["compare", *argv]))
+
+
+def test_default_grid_and_seeds(tiny_config):
+    plan = plan_for("--config", str(tiny_config), "--seeds", "3")
+    assert len(plan.cells) == len(ATTENTION_TYPES) * len(POSITION_TYPES) * 3 == 54
+    assert [(c.attention_type, c.position_embedding) for c in plan.cells[::3]] == [
+        (a, p) for a in ATTENTION_TYPES for p in POSITION_TYPES]
+    assert [c.seed for c in plan.cells[:3]] == [7, 8, 9]
+    assert plan.cells[0].name == "dot_product-sinusoidal-seed7"
+    assert plan.out.parent == Path("results") and plan.out.name.startswith("comparison-")
+    # the order given does not matter; the grid is kept in the canonical order
+    assert plan_for("--config", str(tiny_config), "--attention_types", "gqa,local").attention_types == ["local", "gqa"]
+
+
+def test_presets(tiny_config):
+    quick = plan_for("--config", str(tiny_config), "--preset", "quick", "model.num_layers=3").config
+    assert (quick.data.dataset, quick.data.tokenizer, quick.logging.wandb) == ("python-stdlib", "char", "disabled")
+    assert quick.model.context_length == 128 and quick.model.num_layers == 3  # user overrides win
+    nano = plan_for("--config", str(tiny_config), "--preset", "nanogpt-cpu").config
+    recipe = load_config(REPO / "configs" / "nanogpt_cpu.yaml")
+    for section in ("model", "training", "data"):
+        got, want = getattr(nano, section).model_dump(), getattr(recipe, section).model_dump()
+        ignored = {"seed", "checkpoint_interval", "cache_dir"}
+        assert {k: v for k, v in got.items() if k not in ignored} == {k: v for k, v in want.items() if k not in ignored}, section
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--attention_types", "dot_product,softmax"], "valid: dot_product, linear, sparse, local, gqa, flash"),
+        (["--position_embeddings", "learned"], "valid: sinusoidal, rope, alibi"),
+        (["--attention_types", ","], "no cells"),
+        (["--seeds", "0"], "--seeds"),
+        (["--jobs", "0"], "--jobs"),
+        (["--jobs", "two"], "--jobs"),
+        (["--preset", "huge"], "valid presets: quick, nanogpt-cpu"),
+        (["attention.type=local"], "--attention_types"),
+        (["training.nonsense=1"], "unknown key training.nonsense"),
+        (["--position_embeddings", "rope", "model.num_heads=4", "model.d_model=12"], "rope"),
+    ],
+)
+def test_bad_input(tiny_config, tmp_path, capsys, extra, message):
+    out = tmp_path / "out"
+    assert main(compare_args(tiny_config, out, *extra)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not out.exists()
+
+
+def test_foreign_output_directories(tiny_config, tmp_path, capsys):
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    assert main(compare_args(tiny_config, other)) == 2
+    assert "holds no comparison.json" in capsys.readouterr().err
+    assert sorted(p.name for p in other.iterdir()) == ["notes.txt"]
+
+    out = tmp_path / "cmp"
+    argv = compare_args(tiny_config, out, "--attention_types", "local")
+    plan = compare.make_plan(build_parser().parse_args(argv))
+    compare.prepare_output_dir(plan, None, "test")
+    before = sorted(p.name for p in out.rglob("*"))
+    for changed, reason in ((["training.max_steps=7"], "training.max_steps 6 -> 7"), (["--seeds", "2"], "grid")):
+        assert main(argv + changed) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "different comparison" in err[0] and reason in err[0], err
+    assert main(compare_args(tiny_config, out, "--attention_types", "linear")) == 2
+    assert sorted(p.name for p in out.rglob("*")) == before
+
+
+def test_optional_steps_are_recorded_not_fatal(tiny_config, tmp_path, monkeypatch):
+    plan = plan_for("--config", str(tiny_config), "--out", str(tmp_path / "cmp"), "--attention_types", "local")
+    compare.prepare_output_dir(plan, None, "test")
+    monkeypatch.setattr(compare, "available", lambda command, module: False)
+    monkeypatch.setattr(compare, "bench_available", lambda name: False)
+    records = compare.run_extras(plan, bench=True, extrapolate=True)
+    assert [(r["name"], r["status"]) for r in records] == [
+        ("bench kernels", "unavailable"), ("bench decode", "unavailable"), ("eval (extrapolation)", "unavailable")]
+    failing = [sys.executable, "-c", "import sys; print('progress'); print('it broke', file=sys.stderr); sys.exit(3)"]
+    record = compare.run_extra(plan.out, "bench kernels", failing, plan.out / "bench" / "kernels.log")
+    assert (record["status"], record["error"]) == ("failed", "exit 3: it broke")
