@@ -112,11 +112,18 @@ def divisors(n: int) -> list[int]:
 def group_queries(q: Tensor, kv_heads: int) -> Tensor:
     """(B, H, n, D) -> (B, kv_heads, H // kv_heads, n, D): the queries that share one kv head, together.
 
-    Scores are then `q5 @ k.unsqueeze(2).transpose(-1, -2)`, broadcasting the kv head over its
-    group instead of materialising repeated K/V copies.
+    Scores are then `grouped_matmul(q5, k.transpose(-1, -2))`, which folds the group into the rows.
+    (A broadcasting `q5 @ k.unsqueeze(2)...` would make torch.matmul copy k once per group.)
     """
     batch, heads, n, head_dim = q.shape
     return q.view(batch, kv_heads, heads // kv_heads, n, head_dim)
+
+
+def grouped_matmul(a: Tensor, b: Tensor) -> Tensor:
+    """(B, KV, G, n, X) @ (B, KV, X, m) -> (B, KV, G, n, m) as one (G * n) x X matmul per kv head,
+    so b (keys or values) is read once per kv head and never expanded or copied per group."""
+    batch, kv_heads, group, n, inner = a.shape
+    return (a.reshape(batch, kv_heads, group * n, inner) @ b).view(batch, kv_heads, group, n, b.shape[-1])
 
 
 def ungroup(x: Tensor) -> Tensor:

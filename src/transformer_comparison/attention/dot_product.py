@@ -18,6 +18,7 @@ from transformer_comparison.attention.base import (
     AttentionKernel,
     entropy_from_logits,
     group_queries,
+    grouped_matmul,
     grouped_slopes,
     query_key_positions,
     rotate_qk,
@@ -31,7 +32,7 @@ def dense_scores(q: Tensor, k: Tensor, causal: bool, alibi_slopes: Tensor | None
     """Scaled, biased, masked scores (B, KV, G, nq, nk) for grouped queries; hidden keys are -inf."""
     kv_heads, nq, nk = k.shape[1], q.shape[-2], k.shape[-2]
     q5 = group_queries(q, kv_heads)
-    scores = (q5 @ k.unsqueeze(2).transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))
+    scores = grouped_matmul(q5, k.transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))
     q_pos, k_pos = query_key_positions(nq, nk, q.device)
     offset = q_pos[:, None] - k_pos[None, :]
     slopes = grouped_slopes(alibi_slopes, kv_heads)
@@ -56,6 +57,6 @@ class DotProductAttention(AttentionKernel):
         q, k = rotate_qk(q, k, rope)
         scores = dense_scores(q, k, causal, alibi_slopes)
         probs = torch.softmax(scores, dim=-1)
-        out = ungroup(probs @ v.unsqueeze(2))
+        out = ungroup(grouped_matmul(probs, v))
         entropy = ungroup(entropy_from_logits(scores, probs)) if need_entropy else None
         return out, entropy

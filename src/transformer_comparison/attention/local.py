@@ -1,1 +1,199 @@
-"""placeholder"""
+"""Local (sliding-window) attention (Beltagy et al. 2020, "Longformer"; Child et al. 2019,
+"Generating Long Sequences with Sparse Transformers").
+
+    out_i = sum_{p_i - w < j <= p_i} softmax_j(q_i . k_j / sqrt(d) + B_ij) v_j,   p_i = nk - nq + i
+
+Causal only: each query sees its w most recent keys, itself included.
+
+Computed in bands, never by masking an n x n matrix. The queries are cut into blocks of b (64); block
+t attends to the span = (r + 1) b keys of key blocks t - r .. t, r = ceil((w - 1) / b), copied from
+r + 1 shifted views of the zero-padded keys; one batched matmul covers a group of bands and every
+head, and the window and the padding are masked inside each band. As in FlashAttention, a custom
+autograd function processes the bands a group at a time (about 2^20 scores, so the working set stays
+in cache), keeps only q, k, v and the output, and recomputes each group's probabilities in backward.
+Time O(n span d) with span < w + 2b; memory O(n d) kept for backward plus one group's scores: linear
+in n for a fixed window. Only the keys some query can reach are used, so decoding (nq = 1) costs
+O(w d) whatever nk is.
+
+RoPE rotates q and k by their absolute positions before the bands are cut (the keys out of reach
+are dropped first and the rotation offset moved to match). ALiBi adds -m_h (p_i - j) per band.
+Grouped kv heads are read by folding each kv head's query heads into the rows of its bands.
+The entropy is computed alongside the output (for logging) and is not differentiable.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from transformer_comparison.attention.base import AttentionKernel, check_positive_int, grouped_slopes, rotate_qk
+from transformer_comparison.attention.registry import register_attention
+from transformer_comparison.position.rope import Rotary
+
+BLOCK = 64  # queries per band: large enough for efficient matmuls, small next to typical windows
+CHUNK_SCORES = 2**20  # band scores computed at once (4 MiB in float32): the unit kept in cache
+
+
+@register_attention("local")
+class LocalAttention(AttentionKernel):
+    """Sliding-window causal attention; `window` keys per query, the query's own included."""
+
+    supports_non_causal = False
+
+    def __init__(self, *, window: int = 128) -> None:
+        self.window = check_positive_int("window", window, "local attention")
+
+    def attend(
+        self, q: Tensor, k: Tensor, v: Tensor, *, causal: bool, alibi_slopes: Tensor | None,
+        rope: Rotary | None, need_entropy: bool,
+    ) -> tuple[Tensor, Tensor | None]:
+        heads, nq, head_dim = q.shape[1:]
+        kv_heads, nk = k.shape[1], k.shape[2]
+        window = max(1, min(self.window, nk))  # no query reaches further back than key 0
+        first = max(0, nk - nq - window + 1)  # the first key any query sees
+        k, v = k[:, :, first:], v[:, :, first:]
+        if rope is not None:
+            rope = replace(rope, offset=rope.offset + first)
+        q, k = rotate_qk(q, k, rope)
+
+        layout = Bands.plan(nq, k.shape[2], window, heads // kv_heads)
+        q_rows = layout.query_rows(q * (1.0 / math.sqrt(head_dim)))
+        bias = layout.bias(grouped_slopes(alibi_slopes, kv_heads), q.dtype, q.device)
+        out, entropy = BandedAttention.apply(
+            q_rows, layout.key_blocks(k), layout.key_blocks(v), bias, layout, need_entropy
+        )
+        return layout.unband(out, nq), layout.unband(entropy, nq) if need_entropy else None
+
+
+@dataclass(frozen=True)
+class Bands:
+    """How queries and keys are cut: band t holds query block t (every head of a kv group) and key
+    blocks t .. t + reach of the padded keys, i.e. positions reach * block + t_q - c before query t_q."""
+
+    group: int
+    block: int
+    num_blocks: int
+    reach: int
+    window: int
+    left_pad: int  # zero keys before position 0, hidden from the first bands
+    right_pad: int  # zero queries and keys after the last position, to fill the last band
+
+    @classmethod
+    def plan(cls, nq: int, nk: int, window: int, group: int) -> Bands:
+        """Bands for nq queries end-aligned with nk keys, nk <= nq + window - 1 (the keys in reach)."""
+        block = max(1, min(nq, BLOCK))
+        num_blocks = math.ceil(nq / block)
+        reach = math.ceil((window - 1) / block)  # key blocks before its own that a band reads
+        return cls(group, block, num_blocks, reach, window, reach * block - (nk - nq), num_blocks * block - nq)
+
+    @property
+    def span(self) -> int:
+        return (self.reach + 1) * self.block
+
+    def bias(self, slopes: Tensor | None, dtype: torch.dtype, device: torch.device) -> Tensor:
+        """(G * block, span), or (KV, 1, G * block, span) with ALiBi: -m (p_i - j) inside the window
+        and -inf outside it, the same for every band."""
+        t = torch.arange(self.block, device=device)[:, None]
+        c = torch.arange(self.span, device=device)[None, :]
+        distance = self.reach * self.block + t - c
+        hidden = (distance < 0) | (distance >= self.window)
+        if slopes is None:
+            bias = torch.zeros(hidden.shape, dtype=dtype, device=device).masked_fill(hidden, float("-inf"))
+            return bias.repeat(self.group, 1)
+        bias = (-slopes * distance.to(dtype)).masked_fill(hidden, float("-inf"))  # (KV, G, block, span)
+        return bias.flatten(1, 2).unsqueeze(1)
+
+    def padding(self, bands: slice, device: torch.device) -> Tensor:
+        """(len(bands), 1, span): where these bands read the zero keys padded before position 0."""
+        band_start = torch.arange(bands.start, bands.stop, device=device)[:, None, None] * self.block
+        return band_start + torch.arange(self.span, device=device) < self.left_pad
+
+    def chunks(self, batch_heads: int) -> list[slice]:
+        """Groups of consecutive bands whose scores, over every head, make about CHUNK_SCORES elements."""
+        size = max(1, CHUNK_SCORES // (batch_heads * self.group * self.block * self.span))
+        return [slice(start, min(start + size, self.num_blocks)) for start in range(0, self.num_blocks, size)]
+
+    def gather(self, blocks: Tensor, bands: slice) -> Tensor:
+        """(B, KV, nb + reach, block, D) key blocks -> (B, KV, len(bands), span, D) for those bands."""
+        return torch.cat(
+            [blocks[:, :, bands.start + shift : bands.stop + shift] for shift in range(self.reach + 1)], dim=3
+        )
+
+    def scatter_add(self, blocks: Tensor, bands: slice, grad: Tensor) -> None:
+        """In place: the gradient of `gather`, (B, KV, len(bands), span, D), added into the key blocks."""
+        for shift in range(self.reach + 1):
+            key_block = slice(shift * self.block, (shift + 1) * self.block)
+            blocks[:, :, bands.start + shift : bands.stop + shift] += grad[:, :, :, key_block]
+
+    def probs(self, q_rows: Tensor, k_bands: Tensor, bias: Tensor, bands: slice) -> Tensor:
+        """Attention probabilities (B, KV, len(bands), G * block, span) of some bands, given their keys."""
+        scores = (q_rows[:, :, bands] @ k_bands.transpose(-1, -2)).add_(bias)
+        if bands.start * self.block < self.left_pad:
+            scores.masked_fill_(self.padding(bands, scores.device), float("-inf"))
+        return torch.softmax(scores, dim=-1)
+
+    def query_rows(self, q: Tensor) -> Tensor:
+        """(B, H, nq, D) -> (B, KV, nb, G * block, D): each band's queries, every head of the group."""
+        batch, heads, _, head_dim = q.shape
+        rows = F.pad(q, (0, 0, 0, self.right_pad)).view(
+            batch, heads // self.group, self.group, self.num_blocks, self.block, head_dim
+        )
+        return rows.transpose(2, 3).flatten(3, 4)
+
+    def key_blocks(self, k: Tensor) -> Tensor:
+        """(B, KV, nk, D) -> (B, KV, nb + reach, block, D), zero-padded to whole blocks."""
+        return F.pad(k, (0, 0, self.left_pad, self.right_pad)).unflatten(2, (-1, self.block))
+
+    def unband(self, x: Tensor, nq: int) -> Tensor:
+        """(B, KV, nb, G * block, ...) -> (B, H, nq, ...): back to heads and query positions."""
+        x = x.unflatten(3, (self.group, self.block)).transpose(2, 3)
+        return x.flatten(1, 2).flatten(2, 3)[:, :, :nq]
+
+
+class BandedAttention(torch.autograd.Function):
+    """Softmax attention of each band's queries over its keys, a few bands at a time.
+
+    Saves q, k, v and the output only; backward recomputes each group of bands' probabilities
+    (FlashAttention's recomputation, at band granularity), so no (n, span) tensor outlives a chunk."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx, q_rows: Tensor, k_blocks: Tensor, v_blocks: Tensor, bias: Tensor, layout: Bands, need_entropy: bool
+    ) -> tuple[Tensor, Tensor | None]:
+        out = torch.empty_like(q_rows)
+        entropy = q_rows.new_empty(q_rows.shape[:-1]) if need_entropy else None
+        for bands in layout.chunks(q_rows.shape[0] * q_rows.shape[1]):
+            probs = layout.probs(q_rows, layout.gather(k_blocks, bands), bias, bands)
+            out[:, :, bands] = probs @ layout.gather(v_blocks, bands)
+            if entropy is not None:
+                entropy[:, :, bands] = -torch.xlogy(probs, probs).sum(-1)
+        ctx.layout = layout
+        ctx.save_for_backward(q_rows, k_blocks, v_blocks, bias, out)
+        if entropy is not None:
+            ctx.mark_non_differentiable(entropy)
+        return out, entropy
+
+    @staticmethod
+    @once_differentiable
+    def backward(  # type: ignore[override]
+        ctx, grad_out: Tensor, _grad_entropy: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor, None, None, None]:
+        q_rows, k_blocks, v_blocks, bias, out = ctx.saved_tensors
+        layout: Bands = ctx.layout
+        grad_q, grad_k, grad_v = torch.empty_like(q_rows), torch.zeros_like(k_blocks), torch.zeros_like(v_blocks)
+        grad_out = grad_out.contiguous()
+        delta = (grad_out * out).sum(-1, keepdim=True)  # sum_j p_ij dL/dp_ij, per query
+        for bands in layout.chunks(q_rows.shape[0] * q_rows.shape[1]):
+            k_bands, v_bands = layout.gather(k_blocks, bands), layout.gather(v_blocks, bands)
+            grad_out_bands = grad_out[:, :, bands]
+            probs = layout.probs(q_rows, k_bands, bias, bands)
+            layout.scatter_add(grad_v, bands, probs.transpose(-1, -2) @ grad_out_bands)
+            grad_scores = (grad_out_bands @ v_bands.transpose(-1, -2)).sub_(delta[:, :, bands]).mul_(probs)
+            grad_q[:, :, bands] = grad_scores @ k_bands
+            layout.scatter_add(grad_k, bands, grad_scores.transpose(-1, -2) @ q_rows[:, :, bands])
+        return grad_q, grad_k, grad_v, None, None, None
