@@ -1,0 +1,167 @@
+"""flash: exact softmax attention block by block, checked against the dense reference (float64)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tests.attention.conftest import make_qkv
+from tests.attention.reference import reference_attention
+from transformer_comparison.attention import build_attention, kernel_options
+from transformer_comparison.position import Rotary, alibi_slopes
+
+TIGHT = {"rtol": 1e-9, "atol": 1e-10}
+
+
+def assert_matches_reference(attn, q, k, v, *, causal, slopes=None, rope_base=None, seed=0):
+    """Output, entropy and q/k/v gradients of `attn` equal the reference softmax attention."""
+    rope = None if rope_base is None else Rotary(base=rope_base)
+    out, entropy = attn(q, k, v, causal=causal, alibi_slopes=slopes, rope=rope, return_entropy=True)
+    ref_out, ref_entropy = reference_attention(
+        "flash", q, k, v, causal=causal, alibi_slopes=slopes, rope_base=rope_base
+    )
+    torch.testing.assert_close(out, ref_out, **TIGHT)
+    torch.testing.assert_close(entropy, ref_entropy, **TIGHT)
+    weights = torch.randn(ref_out.shape, generator=torch.Generator().manual_seed(seed), dtype=ref_out.dtype)
+    out = attn(q, k, v, causal=causal, alibi_slopes=slopes, rope=rope)
+    grads = torch.autograd.grad((out * weights).sum(), (q, k, v))
+    ref_grads = torch.autograd.grad((ref_out * weights).sum(), (q, k, v))
+    for name, grad, ref_grad in zip("qkv", grads, ref_grads):
+        torch.testing.assert_close(grad, ref_grad, **TIGHT, msg=lambda m, name=name: f"grad {name}: {m}")
+
+
+@pytest.mark.parametrize("n", [1, 7, 13])
+@pytest.mark.parametrize("kv_heads", [4, 2, 1])
+@pytest.mark.parametrize("rope", [False, True], ids=["no_rope", "rope"])
+@pytest.mark.parametrize("alibi", [False, True], ids=["no_alibi", "alibi"])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+def test_matches_reference(causal, alibi, rope, kv_heads, n, slopes4):
+    q, k, v = make_qkv(2, 4, kv_heads, n, seed=n + kv_heads)
+    attn = build_attention("flash", block_size=4 if n % 2 else 5)
+    assert_matches_reference(
+        attn, q, k, v, causal=causal, slopes=slopes4 if alibi else None, rope_base=10000.0 if rope else None
+    )
+
+
+@pytest.mark.parametrize("nq", [1, 3, 8])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+def test_queries_shorter_than_keys_are_end_aligned(causal, nq, slopes4):
+    q = make_qkv(1, 4, 2, nq, seed=1)[0]
+    _, k, v = make_qkv(1, 4, 2, 11, seed=2)
+    attn = build_attention("flash", block_size=3)
+    assert_matches_reference(attn, q, k, v, causal=causal, slopes=slopes4, rope_base=10000.0)
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    n=st.integers(1, 24),
+    block_size=st.integers(1, 30),
+    kv_heads=st.sampled_from([1, 2, 4]),
+    causal=st.booleans(),
+    alibi=st.booleans(),
+)
+def test_equals_dot_product_for_any_block_size(n, block_size, kv_heads, causal, alibi):
+    q, k, v = make_qkv(1, 4, kv_heads, n, seed=block_size)
+    slopes = alibi_slopes(4, dtype=torch.float64) if alibi else None
+    flash, dense = build_attention("flash", block_size=block_size), build_attention("dot_product")
+    out, entropy = flash(q, k, v, causal=causal, alibi_slopes=slopes, return_entropy=True)
+    ref_out, ref_entropy = dense(q, k, v, causal=causal, alibi_slopes=slopes, return_entropy=True)
+    torch.testing.assert_close(out, ref_out, **TIGHT)
+    torch.testing.assert_close(entropy, ref_entropy, **TIGHT)
+
+
+@pytest.mark.parametrize(
+    ("nq", "alibi", "causal"),
+    [(9, False, True), (9, False, False), (9, True, True), (1, True, True), (1, False, False), (4, False, True)],
+)
+def test_sdpa_fast_path_matches_reference(nq, alibi, causal, slopes4):
+    """use_sdpa takes torch's fused kernel where exact, the block-wise path elsewhere: same results."""
+    q = make_qkv(1, 4, 2, nq, seed=3)[0]
+    _, k, v = make_qkv(1, 4, 2, 9, seed=4)
+    attn = build_attention("flash", block_size=4, use_sdpa=True)
+    assert_matches_reference(attn, q, k, v, causal=causal, slopes=slopes4 if alibi else None, rope_base=10000.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_strong_alibi_where_far_tiles_underflow_matches_reference(dtype):
+    """Slopes up to 8 drive far tiles' probabilities below the smallest normal number (flushed to 0)."""
+    q, k, v = make_qkv(1, 4, 2, 70)
+    slopes = torch.tensor([8.0, 1.0, 0.25, 1e-3], dtype=torch.float64)
+    if dtype == torch.float64:
+        assert_matches_reference(build_attention("flash", block_size=8), q, k, v, causal=False, slopes=slopes)
+        return
+    q32, k32, v32 = (t.detach().float() for t in (q, k, v))
+    attn = build_attention("flash", block_size=8)
+    out, entropy = attn(q32, k32, v32, causal=False, alibi_slopes=slopes.float(), return_entropy=True)
+    ref_out, ref_entropy = reference_attention("flash", q, k, v, causal=False, alibi_slopes=slopes)
+    torch.testing.assert_close(out, ref_out.float(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(entropy, ref_entropy.float(), rtol=1e-4, atol=1e-5)
+
+
+def saved_tensor_sizes(fn) -> list[int]:
+    """numel of every tensor autograd saves for backward while running fn()."""
+    sizes = []
+
+    def pack(t):
+        sizes.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sizes
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+def test_backward_saves_no_n_by_n_tensor(causal):
+    n = 96
+    q, k, v = make_qkv(1, 2, 1, n, head_dim=4)
+    slopes = alibi_slopes(2, dtype=torch.float64)
+    call = {"causal": causal, "alibi_slopes": slopes, "rope": Rotary()}
+    flash_sizes = saved_tensor_sizes(lambda: build_attention("flash", block_size=16)(q, k, v, **call))
+    dense_sizes = saved_tensor_sizes(lambda: build_attention("dot_product")(q, k, v, **call))
+    assert max(dense_sizes) >= n * n  # the probe sees the score matrix where there is one
+    assert max(flash_sizes) <= q.numel()
+
+
+def test_float32_default_block_size_matches_reference():
+    q, k, v = make_qkv(1, 2, 2, 300, head_dim=16)
+    q32, k32, v32 = (t.detach().float() for t in (q, k, v))
+    out, entropy = build_attention("flash")(q32, k32, v32, causal=True, return_entropy=True)
+    ref_out, ref_entropy = reference_attention("flash", q, k, v, causal=True)
+    torch.testing.assert_close(out, ref_out.float(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(entropy, ref_entropy.float(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+def test_bfloat16_inputs_give_finite_outputs_and_gradients(causal):
+    q, k, v = (t.detach().bfloat16().requires_grad_() for t in make_qkv(2, 4, 2, 37, head_dim=16))
+    attn = build_attention("flash", block_size=8)
+    out, entropy = attn(q, k, v, causal=causal, alibi_slopes=alibi_slopes(4), rope=Rotary(), return_entropy=True)
+    assert out.dtype == torch.bfloat16
+    assert torch.isfinite(out).all() and torch.isfinite(entropy).all()
+    grads = torch.autograd.grad(out.float().square().sum(), (q, k, v))
+    assert all(g.dtype == torch.bfloat16 and torch.isfinite(g).all() for g in grads)
+
+
+def test_entropy_needs_no_gradient():
+    q, k, v = make_qkv(1, 2, 2, 10)
+    _, entropy = build_attention("flash", block_size=4)(q, k, v, return_entropy=True)
+    assert not entropy.requires_grad
+
+
+def test_options_and_defaults():
+    assert kernel_options("flash") == {"block_size": 256, "use_sdpa": False}
+    assert build_attention("flash", block_size=64).block_size == 64
+
+
+@pytest.mark.parametrize("block_size", [0, -3, 2.5, True, "128"])
+def test_bad_block_size_raises(block_size):
+    with pytest.raises(ValueError, match="block_size must be an integer >= 1"):
+        build_attention("flash", block_size=block_size)
+
+
+def test_bad_use_sdpa_raises():
+    with pytest.raises(ValueError, match="use_sdpa must be True or False"):
+        build_attention("flash", use_sdpa="yes")
