@@ -1,4 +1,14 @@
-"""`tcompare generate`: sample text from a trained run (temperature 0 is greedy decoding)."""
+"""`tcompare generate`: sample text from a trained run (temperature 0 is greedy decoding).
+
+By default the prompt is prefilled into per-layer decoding caches and each new token costs one
+cached step (docs/decoding.md). Once the caches hold context_length tokens they are rebuilt from the
+last context_length // 2 tokens (positions restart at 0, as in the training windows), so no token is
+ever predicted from more than the trained context, at amortised O(context) per token.
+`--no_cache` instead recomputes the whole forward pass over the last context_length tokens at every
+step. Both give the same tokens (greedy, up to floating-point rounding) while the sequence fits in
+the context; beyond it, --no_cache predicts every token from exactly context_length tokens, the
+cached path from between context_length // 2 and context_length.
+"""
 
 from __future__ import annotations
 
@@ -21,6 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
     parser.add_argument("--top_k", type=int, default=None, help="sample among the k most likely tokens")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no_cache", action="store_true",
+                        help="recompute the full forward pass over the last context_length tokens for every token "
+                             "(default: decode from key/value caches or recurrent states)")
 
 
 def load_run(run_dir: Path) -> tuple[GPT, Tokenizer, Config]:
@@ -42,10 +55,26 @@ def load_run(run_dir: Path) -> tuple[GPT, Tokenizer, Config]:
 
 
 @torch.no_grad()
-def sample(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperature: float, top_k: int | None, generator: torch.Generator) -> torch.Tensor:
-    """Append max_new_tokens tokens to idx (1, n), recomputing the forward pass over the last context_length tokens."""
+def sample(
+    model: GPT, idx: torch.Tensor, max_new_tokens: int, temperature: float, top_k: int | None,
+    generator: torch.Generator, use_cache: bool = True,
+) -> torch.Tensor:
+    """Append max_new_tokens tokens to idx (batch, n).
+
+    use_cache: decode from the model's caches (see the module docstring for what happens beyond the
+    context); otherwise recompute the forward pass over the last context_length tokens each step.
+    """
+    context = model.config.context_length
+    caches = None
     for _ in range(max_new_tokens):
-        logits, _, _ = model(idx[:, -model.config.context_length :])
+        if not use_cache:
+            logits, _, _ = model(idx[:, -context:])
+        elif caches is None or caches[0].position >= context:
+            keep = context if caches is None else max(1, context // 2)
+            caches = model.new_caches()
+            logits, _, _ = model(idx[:, -keep:], caches=caches)
+        else:
+            logits, _, _ = model(idx[:, -1:], caches=caches)
         idx = torch.cat((idx, next_token(logits[:, -1, :], temperature, top_k, generator)), dim=1)
     return idx
 
@@ -72,6 +101,7 @@ def run(args: argparse.Namespace) -> int:
     if not prompt_ids:
         raise UserError("--prompt is empty after tokenisation; give at least one character")
     generator = torch.Generator().manual_seed(args.seed)
-    out = sample(model, torch.tensor([prompt_ids]), args.max_new_tokens, args.temperature, args.top_k, generator)
+    out = sample(model, torch.tensor([prompt_ids]), args.max_new_tokens, args.temperature, args.top_k, generator,
+                 use_cache=not args.no_cache)
     print(tokenizer.decode(out[0].tolist()))
     return 0

@@ -4,6 +4,10 @@ Token embedding tied to the output head, `num_layers` pre-LayerNorm blocks (atte
 registry, then an MLP), a final LayerNorm, GPT-2 initialisation. The positional encoding comes from
 `transformer_comparison.position`: sinusoidal is added to the embeddings; RoPE and ALiBi are handed
 to the attention kernel (position.kernel_position_args).
+
+Decoding: `caches = model.new_caches()` (one per layer, from the kernel), then
+`model(idx, caches=caches)` with the prompt, then with one token at a time; each call sees
+everything the caches have seen, at absolute positions (docs/decoding.md).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from transformer_comparison.attention import build_attention
+from transformer_comparison.attention.cache import DecodeCache
 from transformer_comparison.position import kernel_position_args, sinusoidal_encoding
 
 
@@ -70,8 +75,13 @@ class CausalSelfAttention(nn.Module):
         batch, _, n, _ = y.shape
         return self.dropout(self.proj(y.transpose(1, 2).reshape(batch, n, -1)))
 
-    def forward(self, x: Tensor, return_entropy: bool = False) -> tuple[Tensor, Tensor | None]:
+    def forward(
+        self, x: Tensor, return_entropy: bool = False, cache: DecodeCache | None = None
+    ) -> tuple[Tensor, Tensor | None]:
         q, k, v = self.split_heads(x)
+        if cache is not None:
+            y = self.kernel.decode(q, k, v, cache, alibi_slopes=self.alibi_slopes, rope=self.rope)
+            return self.merge_heads(y), None
         result = self.kernel(q, k, v, causal=True, alibi_slopes=self.alibi_slopes, rope=self.rope, return_entropy=return_entropy)
         y, entropy = result if return_entropy else (result, None)
         return self.merge_heads(y), entropy
@@ -96,8 +106,10 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.d_model, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x: Tensor, return_entropy: bool = False) -> tuple[Tensor, Tensor | None]:
-        attended, entropy = self.attn(self.ln_1(x), return_entropy)
+    def forward(
+        self, x: Tensor, return_entropy: bool = False, cache: DecodeCache | None = None
+    ) -> tuple[Tensor, Tensor | None]:
+        attended, entropy = self.attn(self.ln_1(x), return_entropy, cache)
         x = x + attended
         return x + self.mlp(self.ln_2(x)), entropy
 
@@ -142,29 +154,61 @@ class GPT(nn.Module):
         non_embedding = self.num_parameters() - self.token_embedding.weight.numel()
         return 6 * non_embedding + 12 * c.num_layers * c.d_model * c.context_length
 
-    def sinusoidal_positions(self, n: int) -> Tensor:
-        """The first n rows of the sinusoidal table, scaled by 1/sqrt(d_model); computed afresh beyond the table.
+    def sinusoidal_positions(self, n: int, start: int = 0) -> Tensor:
+        """Rows start .. start + n - 1 of the sinusoidal table, scaled by 1/sqrt(d_model); computed afresh beyond the table.
 
         Vaswani et al. multiply embeddings by sqrt(d_model) before adding the table; with GPT-2's
         embedding init (std 0.02) an unscaled table drowns the tokens (val loss 2.98 vs 2.18 after a
         600-step nanoGPT-recipe run here), so the table is scaled down by the same factor instead.
         """
-        if n <= self.position_table.shape[0]:
-            return self.position_table[:n]
-        return sinusoidal_encoding(n, self.config.d_model).to(self.position_table.device) / math.sqrt(self.config.d_model)
+        if start + n <= self.position_table.shape[0]:
+            return self.position_table[start : start + n]
+        if start == 0:
+            table = sinusoidal_encoding(n, self.config.d_model)
+        else:
+            table = sinusoidal_rows(start, n, self.config.d_model)
+        return table.to(self.position_table.device) / math.sqrt(self.config.d_model)
+
+    def new_caches(self) -> list[DecodeCache]:
+        """Empty decoding caches, one per layer, each of the kind its attention mechanism keeps."""
+        return [block.attn.kernel.new_cache() for block in self.blocks]
 
     def forward(
-        self, idx: Tensor, targets: Tensor | None = None, return_entropy: bool = False
+        self, idx: Tensor, targets: Tensor | None = None, return_entropy: bool = False,
+        caches: list[DecodeCache] | None = None,
     ) -> tuple[Tensor, Tensor | None, Tensor | None]:
-        """Return (logits, loss or None, entropy (layers, batch, heads, n) or None)."""
+        """Return (logits, loss or None, entropy (layers, batch, heads, n) or None).
+
+        caches (from `new_caches()`): idx continues the sequence those caches have seen; its tokens sit
+        at absolute positions caches[0].position onwards, and the caches take them in. No entropy then.
+        """
+        start = 0
+        if caches is not None:
+            if len(caches) != len(self.blocks):
+                raise ValueError(f"caches: expected one per layer ({len(self.blocks)}), got {len(caches)}")
+            if return_entropy:
+                raise ValueError("return_entropy is not available when decoding from caches")
+            start = caches[0].position
         x = self.token_embedding(idx)
         if self.position_table is not None:
-            x = x + self.sinusoidal_positions(idx.shape[1])
+            x = x + self.sinusoidal_positions(idx.shape[1], start)
         x = self.dropout(x)
         entropies = []
-        for block in self.blocks:
-            x, entropy = block(x, return_entropy)
+        for i, block in enumerate(self.blocks):
+            x, entropy = block(x, return_entropy, None if caches is None else caches[i])
             entropies.append(entropy)
         logits = self.lm_head(self.ln_f(x))
         loss = None if targets is None else F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
         return logits, loss, torch.stack(entropies) if return_entropy else None
+
+
+def sinusoidal_rows(start: int, n: int, dim: int, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Rows start .. start + n - 1 of `sinusoidal_encoding(start + n, dim)`, computed the same way
+    (float64, then cast) without the rows before them: a decoding step needs one row, not the table."""
+    position = torch.arange(start, start + n, dtype=torch.float64).unsqueeze(1)
+    even_dims = torch.arange(0, dim, 2, dtype=torch.float64)
+    angle = position * torch.exp(-math.log(10000.0) * even_dims / dim)
+    table = torch.zeros(n, dim, dtype=torch.float64)
+    table[:, 0::2] = torch.sin(angle)
+    table[:, 1::2] = torch.cos(angle[:, : dim // 2])
+    return table.to(dtype)

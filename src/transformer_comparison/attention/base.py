@@ -10,16 +10,32 @@ Causal: query at position p sees keys j <= p. alibi_slopes: (heads,), bias -m_h 
 rope: a `position.Rotary`, applied as `position/__init__.py` describes.
 entropy: (batch, heads, nq) in nats, of the attention distribution the mechanism really uses.
 Low-precision inputs (bf16, fp16) are computed in float32 and the output is cast back.
+
+Decoding (docs/decoding.md), one cache per layer:
+
+    cache = attn.new_cache()
+    out = attn.decode(q, k_new, v_new, cache, alibi_slopes=None, rope=None)
+
+q, k_new, v_new: the n new tokens' projections (n >= 1: a prompt's prefill, then one token at a
+time), at absolute positions cache.position .. cache.position + n - 1. The default (every softmax
+mechanism) appends k_new, v_new to a `KVCache` and calls the kernel itself over the cached keys,
+which is exact because queries are end-aligned; a mechanism overrides `new_cache` and `decode` to
+store something else (local: only the keys in reach; linear: a recurrent state). With RoPE the
+cache holds keys rotated at their absolute positions: softmax kernels apply RoPE as `rotate_qk`
+before the scores, so rotating the new q and k once and calling the kernel with rope=None is the
+same attention, and a step never re-rotates the n cached keys.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import replace
 from typing import ClassVar
 
 import torch
 from torch import Tensor
 
+from transformer_comparison.attention.cache import DecodeCache, KVCache
 from transformer_comparison.position.rope import Rotary
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -68,6 +84,40 @@ class AttentionKernel(ABC):
     ) -> tuple[Tensor, Tensor | None]:
         """Return (out, entropy or None). Softmax kernels call `rotate_qk` first."""
 
+    def new_cache(self) -> DecodeCache:
+        """An empty decoding cache for one layer: keys and values of every token seen (see `decode`)."""
+        return KVCache()
+
+    def decode(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        cache: DecodeCache,
+        *,
+        alibi_slopes: Tensor | None = None,
+        rope: Rotary | None = None,
+    ) -> Tensor:
+        """Causal attention of n new tokens over everything the cache has seen, then remember them.
+
+        q: (batch, heads, n, head_dim); k, v: (batch, kv_heads, n, head_dim), the same n new tokens.
+        Returns (batch, heads, n, head_dim), what `self(q_all, k_all, v_all, causal=True)` gives for
+        the last n rows over the whole sequence. RoPE rotates at the cache's absolute positions
+        cache.position .. cache.position + n - 1 (`rope.offset` is ignored: the cache counts from 0).
+        """
+        if not isinstance(cache, KVCache):
+            raise ValueError(f"{self.name} attention decodes with a KVCache (from new_cache()), got {type(cache).__name__}")
+        check_new_tokens(q, k, v, alibi_slopes)
+        if rope is not None:  # rotated once, in float32 at least, and stored rotated in the input dtype
+            dtype = q.dtype
+            work = torch.float32 if dtype in LOW_PRECISION else dtype
+            q, k = replace(rope, offset=cache.position).rotate_qk(q.to(work), k.to(work))
+            q, k = q.to(dtype), k.to(dtype)
+        cache.append(k, v)
+        out = self(q, cache.k, cache.v, causal=True, alibi_slopes=alibi_slopes)
+        cache.evict()
+        return out  # type: ignore[return-value]
+
     def __repr__(self) -> str:
         options = ", ".join(f"{key}={value!r}" for key, value in vars(self).items())
         return f"{type(self).__name__}({options})"
@@ -103,6 +153,13 @@ def check_qkv(q: Tensor, k: Tensor, v: Tensor, alibi_slopes: Tensor | None, caus
         raise ValueError(f"q, k, v must share one floating dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if alibi_slopes is not None and tuple(alibi_slopes.shape) != (heads,):
         raise ValueError(f"alibi_slopes must have shape ({heads},), got {tuple(alibi_slopes.shape)}")
+
+
+def check_new_tokens(q: Tensor, k: Tensor, v: Tensor, alibi_slopes: Tensor | None) -> None:
+    """The kernel API's checks for decoding, which also needs one query per new key."""
+    check_qkv(q, k, v, alibi_slopes, causal=True)
+    if q.shape[2] != k.shape[2] or q.shape[2] < 1:
+        raise ValueError(f"decode takes the same n >= 1 new tokens in q, k and v, got {q.shape[2]} queries and {k.shape[2]} keys")
 
 
 def divisors(n: int) -> list[int]:

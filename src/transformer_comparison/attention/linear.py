@@ -31,11 +31,20 @@ so it is computed for `chunk_size` queries at a time, without gradient, in O(n C
 The denominator is floored at `eps`: exact whenever it is larger (phi > 0 keeps it positive unless
 all features underflow), and never a division by zero in low precision. Queries shorter than the
 keys (decoding from a cache) are padded at the front to the keys' length, so a call costs O(nk).
+
+Decoding (`decode`) needs no keys at all: a `LinearState` holds, per kv head (per query head with
+ALiBi, whose decay differs by head), S = sum_j g^(p-j) R_j phi(k_j) v_j^T (d x d; R_j = 1 without
+RoPE) and z = sum_j g^(p-j) phi(k_j) (d), g = exp(-m_h) (1 without ALiBi). A new token updates
+S <- g S + R_p phi(k_p) v_p^T, z <- g z + phi(k_p) and reads out (R_p phi(q_p) S) / (phi(q_p) . z),
+floored like the kernel: O(d^2) per token and head, whatever the position. Several new tokens (a
+prompt) are one chunked call over themselves plus the decayed old state's contribution, and a
+closed-form state update: O(n C d + n d^2).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Callable
 
 import torch
@@ -43,12 +52,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from transformer_comparison.attention.base import (
+    LOW_PRECISION,
     AttentionKernel,
+    check_new_tokens,
     check_positive_int,
     group_queries,
     query_key_positions,
     ungroup,
 )
+from transformer_comparison.attention.cache import DecodeCache
 from transformer_comparison.attention.registry import register_attention
 from transformer_comparison.position.rope import Rotary, rope_cos_sin, rotate
 
@@ -219,3 +231,112 @@ class LinearAttention(AttentionKernel):
         if need_entropy:
             entropy = ungroup(_denominator_entropy(group_queries(fq, kv_heads), fk, causal, slopes, self.eps, chunk))
         return ungroup(out), entropy
+
+    def new_cache(self) -> LinearState:
+        """An empty recurrent state (see `decode`): its size never grows with the tokens seen."""
+        return LinearState()
+
+    def decode(
+        self, q: Tensor, k: Tensor, v: Tensor, cache: DecodeCache, *,
+        alibi_slopes: Tensor | None = None, rope: Rotary | None = None,
+    ) -> Tensor:
+        """Causal linear attention of n new tokens given the state of all earlier ones, then fold them in.
+
+        Equal to the last n rows of `self(q_all, k_all, v_all, causal=True)` (up to rounding). RoPE
+        rotates at the absolute positions cache.position .. cache.position + n - 1.
+        """
+        if not isinstance(cache, LinearState):
+            raise ValueError(f"linear attention decodes with a LinearState (from new_cache()), got {type(cache).__name__}")
+        check_new_tokens(q, k, v, alibi_slopes)
+        input_dtype = q.dtype
+        if input_dtype in LOW_PRECISION:
+            q, k, v = q.float(), k.float(), v.float()
+        heads, n = q.shape[1], q.shape[2]
+        kv_heads = k.shape[1]
+        slopes = None if alibi_slopes is None else alibi_slopes.to(device=q.device, dtype=q.dtype).view(kv_heads, -1)
+        phi = FEATURE_MAPS[self.feature_map]
+        fq, fk = group_queries(phi(q), kv_heads), phi(k)  # (B, KV, G, n, d), (B, KV, n, d)
+        rq, rk = fq, fk
+        if rope is not None:
+            _, positions = replace(rope, offset=cache.position).positions(n, n, q.device)
+            cos, sin = rope_cos_sin(positions, q.shape[-1], rope.base, q.dtype)
+            rq, rk = rotate(fq, cos, sin), rotate(fk, cos, sin)
+        state = cache.initial(fk, v, heads // kv_heads if slopes is not None else 1)
+        if n == 1:  # update, then read out: the whole step is O(d^2) per head
+            cache.fold(rk, fk, v, slopes)
+            numerator, denominator = rq @ cache.s, fq @ cache.z.unsqueeze(-1)
+        else:
+            numerator, denominator = self._prefill(fq, rq, fk, rk, v, slopes, state)
+            cache.fold(rk, fk, v, slopes)
+        out = ungroup(numerator * denominator.clamp_min(self.eps).reciprocal())
+        return out.to(input_dtype)
+
+    def _prefill(
+        self, fq: Tensor, rq: Tensor, fk: Tensor, rk: Tensor, v: Tensor, slopes: Tensor | None,
+        state: tuple[Tensor, Tensor],
+    ) -> tuple[Tensor, Tensor]:
+        """Numerator (B, KV, G, n, e) and denominator (B, KV, G, n, 1) of n > 1 new queries: the chunked
+        causal sums over the new tokens plus the old state's contribution, decayed by g^(t+1) at offset t."""
+        s_old, z_old = state
+        n = fq.shape[3]
+        chunk = min(self.chunk_size, n)
+        ones = v.new_ones(*v.shape[:-1], 1)
+        if rq is fq:
+            summed = _weighted_sum(fq, fk, torch.cat((v, ones), -1), True, slopes, chunk)
+            numerator, denominator = summed.split((v.shape[-1], 1), -1)
+        else:
+            numerator = _weighted_sum(rq, rk, v, True, slopes, chunk)
+            denominator = _weighted_sum(fq, fk, ones, True, slopes, chunk)
+        from_state_num, from_state_den = rq @ s_old, fq @ z_old.unsqueeze(-1)
+        if slopes is not None:
+            steps = torch.arange(1, n + 1, device=fq.device, dtype=fq.dtype)
+            decay = _decay(-slopes[:, :, None, None] * steps[:, None])  # (KV, G, n, 1)
+            from_state_num, from_state_den = from_state_num * decay, from_state_den * decay
+        return numerator + from_state_num, denominator + from_state_den
+
+
+class LinearState(DecodeCache):
+    """Linear attention's decoding memory: S (B, KV, Gs, d, e) and z (B, KV, Gs, d), Gs = heads // kv_heads
+    with ALiBi (each query head decays at its own rate) and 1 without; plus the tokens seen."""
+
+    def __init__(self) -> None:
+        self.s: Tensor | None = None
+        self.z: Tensor | None = None
+        self.seen = 0
+
+    @property
+    def position(self) -> int:
+        return self.seen
+
+    def tensors(self) -> list[Tensor]:
+        return [] if self.s is None or self.z is None else [self.s, self.z]
+
+    def initial(self, fk: Tensor, v: Tensor, groups: int) -> tuple[Tensor, Tensor]:
+        """The state before this call (zeros on the first call), checked against the new tokens."""
+        batch, kv_heads, _, dim = fk.shape
+        if self.s is None or self.z is None:
+            self.s = fk.new_zeros(batch, kv_heads, groups, dim, v.shape[-1])
+            self.z = fk.new_zeros(batch, kv_heads, groups, dim)
+        elif self.s.shape != (batch, kv_heads, groups, dim, v.shape[-1]) or self.s.dtype != fk.dtype:
+            raise ValueError(f"LinearState: the new tokens (batch {batch}, kv_heads {kv_heads}, head_dim {dim}, "
+                             f"{fk.dtype}) do not match the state {tuple(self.s.shape)} {self.s.dtype}")
+        return self.s, self.z
+
+    def fold(self, rk: Tensor, fk: Tensor, v: Tensor, slopes: Tensor | None) -> None:
+        """Add n new tokens: S <- g^n S + sum_t g^(n-1-t) rk_t v_t^T, z likewise with the unrotated fk."""
+        assert self.s is not None and self.z is not None
+        n = fk.shape[2]
+        if slopes is None:
+            self.s = self.s + (rk.mT @ v).unsqueeze(2)
+            self.z = self.z + fk.sum(2).unsqueeze(2)
+        else:
+            m = slopes[:, :, None]  # (KV, G, 1)
+            to_end = _decay(-m * torch.arange(n - 1, -1, -1, device=fk.device, dtype=fk.dtype))[..., None]  # (KV, G, n, 1)
+            whole = _decay(-m * n)  # (KV, G, 1)
+            self.s = whole[..., None] * self.s + (rk.unsqueeze(2) * to_end).mT @ v.unsqueeze(2)
+            self.z = whole * self.z + (fk.unsqueeze(2) * to_end).sum(3)
+        self.seen += n
+
+    def __repr__(self) -> str:
+        shape = None if self.s is None else tuple(self.s.shape)
+        return f"LinearState(s={shape}, seen={self.seen})"

@@ -15,6 +15,12 @@ Time O(n span d) with span < w + 2b; memory O(n d) kept for backward plus one gr
 in n for a fixed window. Only the keys some query can reach are used, so decoding (nq = 1) costs
 O(w d) whatever nk is.
 
+Decoding keeps only the keys some future query can reach: a `KVCache` bounded to the last w - 1
+keys between calls (plus the new tokens during a call), so its memory and the cost per token stay
+constant however long the sequence; the cache's first position moves forward as keys drop out.
+A single new token sees every key such a cache holds, so that step is plain softmax attention over
+them (dot_product's kernel), without the band layout.
+
 RoPE rotates q and k by their absolute positions before the bands are cut (the keys out of reach
 are dropped first and the rotation offset moved to match). ALiBi adds -m_h (p_i - j) per band.
 Grouped kv heads are read by folding each kv head's query heads into the rows of its bands.
@@ -32,6 +38,8 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from transformer_comparison.attention.base import AttentionKernel, check_positive_int, grouped_slopes, rotate_qk
+from transformer_comparison.attention.cache import DecodeCache, KVCache
+from transformer_comparison.attention.dot_product import DotProductAttention
 from transformer_comparison.attention.registry import register_attention
 from transformer_comparison.position.rope import Rotary
 
@@ -47,6 +55,19 @@ class LocalAttention(AttentionKernel):
 
     def __init__(self, *, window: int = 128) -> None:
         self.window = check_positive_int("window", window, "local attention")
+
+    def new_cache(self) -> KVCache:
+        """A cache of the last window - 1 keys: with the next token's own, all that a query sees."""
+        return KVCache(max_keys=self.window - 1)
+
+    def decode(
+        self, q: Tensor, k: Tensor, v: Tensor, cache: DecodeCache, *,
+        alibi_slopes: Tensor | None = None, rope: Rotary | None = None,
+    ) -> Tensor:
+        """As the default; one new token over a cache bounded to window - 1 keys is dense attention."""
+        bounded = isinstance(cache, KVCache) and cache.max_keys is not None and cache.max_keys < self.window
+        kernel = _DENSE if bounded and q.shape[2] == 1 else super()
+        return kernel.decode(q, k, v, cache, alibi_slopes=alibi_slopes, rope=rope)
 
     def attend(
         self, q: Tensor, k: Tensor, v: Tensor, *, causal: bool, alibi_slopes: Tensor | None,
@@ -68,6 +89,9 @@ class LocalAttention(AttentionKernel):
             q_rows, layout.key_blocks(k), layout.key_blocks(v), bias, layout, need_entropy
         )
         return layout.unband(out, nq), layout.unband(entropy, nq) if need_entropy else None
+
+
+_DENSE = DotProductAttention()  # the single-token decoding step (see `LocalAttention.decode`)
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ import importlib
 # benchmark name -> (module, one-line help). Adding a benchmark is adding a line here.
 BENCHMARKS: dict[str, tuple[str, str]] = {
     "kernels": ("transformer_comparison.bench.kernels", "time and peak memory of each attention kernel against sequence length"),
+    "decode": ("transformer_comparison.bench.decode", "time per generated token and cache size of each mechanism against context length"),
 }
 
 

@@ -1,0 +1,420 @@
+"""`tcompare bench decode`: time per generated token and cache (or state) size against context length.
+
+For each mechanism, a model (a run's trained model, or a randomly initialised one of a config: the
+cost of a step does not depend on the weights) decodes from caches filled to each context length c:
+random tokens are prefilled in chunks of PREFILL_CHUNK (so local and linear stay linear in c), the
+held cache bytes are summed over layers, then WARMUP_TOKENS steps run untimed and `--new_tokens`
+steps of one token each are timed with perf_counter (CUDA synchronised); ms_per_token is their
+median. Contexts are taken in increasing order in one fresh process per mechanism
+(`python -m transformer_comparison.bench.decode --case JSON`), each filling the cache further from
+where the last stopped; a context that fails, runs out of memory or exceeds `--timeout` seconds is
+recorded with its status and the larger ones as skipped, never raised. docs/decoding.md has the
+cache of each mechanism and how to read the outputs:
+
+    DIR/decode.csv  decode_latency.png  decode_cache.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import queue
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from transformer_comparison.bench.kernels import error_status, format_value, parse_list, resolve_device, write_csv
+from transformer_comparison.errors import UserError
+
+CSV_COLUMNS = ("mechanism", "position_embedding", "context_length", "ms_per_token", "cache_bytes", "status")
+EXTRA_COLUMNS = (
+    "threads", "batch", "allocated_bytes", "weights", "device", "d_model", "num_heads", "kv_heads", "num_layers",
+    "vocab_size", "train_context_length", "options",
+)
+DEFAULT_CONTEXTS = "128,256,512,1024,2048,4096,8192"
+DEFAULT_VOCAB_SIZE = 256  # --config without model.vocab_size: the byte tokenizer's size
+PREFILL_CHUNK = 512  # tokens per prefill call while filling a cache
+WARMUP_TOKENS = 2  # untimed steps before the timed ones, at each context
+RESULT_PREFIX = "TCOMPARE_DECODE_RESULT "
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--run", type=Path, metavar="DIR",
+                        help="a run directory: its config, its trained weights for its own mechanism (others: "
+                             "randomly initialised models of the same config)")
+    parser.add_argument("--config", type=Path, metavar="FILE", help="a YAML config; randomly initialised models of it")
+    parser.add_argument("--mechanisms", default=None, help="comma-separated mechanisms (default: all six)")
+    parser.add_argument("--position_embedding", default=None,
+                        help="sinusoidal, rope or alibi (default: the run's or config's position.type)")
+    parser.add_argument("--contexts", default=DEFAULT_CONTEXTS,
+                        help="comma-separated context lengths, tokens already in the cache (default: %(default)s)")
+    parser.add_argument("--new_tokens", type=int, default=16, help="timed one-token steps per context (default: %(default)s)")
+    parser.add_argument("--batch", type=int, default=1, help="sequences decoded together (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads (default: torch's default, what tcompare generate would use)")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto = cuda when available)")
+    parser.add_argument("--timeout", type=float, default=600.0,
+                        help="seconds per context (filling and timing) before the mechanism is stopped (default: %(default)s)")
+    parser.add_argument("--out", default="results/bench", help="output directory (default: %(default)s)")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides (with --config)")
+
+
+# --------------------------------------------------------------------------- validation (parent)
+
+
+def parse_contexts(text: str) -> list[int]:
+    contexts = []
+    for item in parse_list(text, "contexts"):
+        try:
+            value = int(item)
+        except ValueError:
+            raise UserError(f"--contexts: {item!r} is not an integer; give e.g. --contexts 256,4096") from None
+        if value < 1:
+            raise UserError(f"--contexts: {value} must be >= 1")
+        contexts.append(value)
+    return sorted(contexts)
+
+
+def base_config(args: argparse.Namespace) -> tuple[Any, int, str | None]:
+    """(config, vocab size, run directory or None) from --run or --config and its overrides."""
+    from transformer_comparison.config import load_config
+
+    if (args.run is None) == (args.config is None):
+        raise UserError("give exactly one of --run DIR and --config FILE")
+    if args.run is None:
+        cfg = load_config(args.config, args.overrides)
+        return cfg, cfg.model.vocab_size or DEFAULT_VOCAB_SIZE, None
+    if args.overrides:
+        raise UserError("section.key=value overrides go with --config; a --run's model is fixed by its checkpoint")
+    from transformer_comparison.generate import load_run
+
+    model, tokenizer, cfg = load_run(args.run)  # checks that the run is complete and its checkpoint loads
+    vocab_size = model.config.vocab_size
+    del model, tokenizer
+    return cfg, vocab_size, str(args.run)
+
+
+def build_cases(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Validate the command line and return one JSON-able case per mechanism (all its contexts)."""
+    from transformer_comparison.attention import ATTENTION_TYPES
+    from transformer_comparison.config import kernel_options_for, kv_heads_for, with_overrides
+    from transformer_comparison.position import POSITION_TYPES
+
+    contexts = parse_contexts(args.contexts)
+    for name in ("new_tokens", "batch", "threads"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UserError(f"--{name} must be >= 1, got {value}")
+    if not args.timeout > 0:
+        raise UserError(f"--timeout must be > 0 seconds, got {args.timeout}")
+    mechanisms = parse_list(args.mechanisms, "mechanisms") if args.mechanisms is not None else list(ATTENTION_TYPES)
+    unknown = [m for m in mechanisms if m not in ATTENTION_TYPES]
+    if unknown:
+        raise UserError(f"unknown mechanism {', '.join(unknown)}; valid: {', '.join(ATTENTION_TYPES)}")
+    device = resolve_device(args.device)
+    cfg, vocab_size, run_dir = base_config(args)
+    position = args.position_embedding or cfg.position.type
+    if position not in POSITION_TYPES:
+        raise UserError(f"--position_embedding {position!r} is not one of {', '.join(POSITION_TYPES)}")
+    threads = args.threads or torch.get_num_threads()
+
+    cases = []
+    for mechanism in mechanisms:
+        cfg_m = with_overrides(cfg, [f"attention.type={mechanism}", f"position.type={position}"])
+        trained = run_dir is not None and (mechanism, position) == (cfg.attention.type, cfg.position.type)
+        cases.append({
+            "mechanism": mechanism, "position_embedding": position, "config": cfg_m.model_dump(mode="json"),
+            "vocab_size": vocab_size, "run": run_dir if trained else None, "contexts": contexts,
+            "new_tokens": args.new_tokens, "batch": args.batch, "threads": threads, "device": device,
+            "kv_heads": kv_heads_for(cfg_m), "options": kernel_options_for(cfg_m),
+        })
+    return cases
+
+
+# --------------------------------------------------------------------------- one mechanism (child process)
+
+
+def load_model(case: dict[str, Any]) -> Any:
+    """The case's model in eval mode on its device: trained weights with a run, else seeded random ones."""
+    from transformer_comparison.checkpoint import load_checkpoint
+    from transformer_comparison.config import validate_config
+    from transformer_comparison.train import build_model
+
+    torch.manual_seed(0)
+    model = build_model(validate_config(case["config"]), case["vocab_size"])
+    if case["run"] is not None:
+        model.load_state_dict(load_checkpoint(Path(case["run"]) / "checkpoints" / "latest.pt")["model"])
+    return model.to(case["device"]).eval()
+
+
+class Decoder:
+    """A model and its caches, filled with random tokens and stepped one token at a time."""
+
+    def __init__(self, model: Any, batch: int, device: torch.device) -> None:
+        self.model, self.batch, self.device = model, batch, device
+        self.generator = torch.Generator().manual_seed(0)
+        self.caches = model.new_caches()
+
+    def tokens(self, n: int) -> torch.Tensor:
+        ids = torch.randint(self.model.config.vocab_size, (self.batch, n), generator=self.generator)
+        return ids.to(self.device)
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def fill(self, context: int) -> None:
+        """Bring the caches to exactly `context` tokens (from scratch if they already hold more)."""
+        if self.caches[0].position > context:
+            self.caches = self.model.new_caches()
+        while self.caches[0].position < context:
+            self.model(self.tokens(min(PREFILL_CHUNK, context - self.caches[0].position)), caches=self.caches)
+        self.sync()
+
+    def step_seconds(self) -> float:
+        token = self.tokens(1)
+        self.sync()
+        start = time.perf_counter()
+        self.model(token, caches=self.caches)
+        self.sync()
+        return time.perf_counter() - start
+
+
+def measure(case: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """One result per context, in increasing order; stops after the first failure."""
+    from transformer_comparison.bench.memory import available_memory_bytes, limit_address_space
+
+    torch.set_num_threads(case["threads"])
+    device = torch.device(case["device"])
+    with torch.inference_mode():
+        model = load_model(case)
+        warm = Decoder(model, case["batch"], device)  # thread pools, allocator, first-call overheads
+        warm.fill(min(case["contexts"][0], 64))
+        for _ in range(WARMUP_TOKENS):
+            warm.step_seconds()
+        del warm
+        if device.type == "cpu":
+            available = available_memory_bytes()
+            if available:
+                limit_address_space(int(available * 0.9))
+        decoder = Decoder(model, case["batch"], device)
+        for context in case["contexts"]:
+            try:
+                decoder.fill(context)
+                held = sum(cache.nbytes for cache in decoder.caches)
+                allocated = sum(cache.allocated_bytes for cache in decoder.caches)
+                times = [decoder.step_seconds() for _ in range(WARMUP_TOKENS + case["new_tokens"])]
+            except Exception as error:  # recorded, never raised
+                yield {"context_length": context, "status": error_status(error)}
+                return
+            yield {"context_length": context, "status": "ok", "ms_per_token": statistics.median(times[WARMUP_TOKENS:]) * 1e3,
+                   "cache_bytes": held, "allocated_bytes": allocated}
+
+
+def case_main(argv: list[str] | None = None) -> int:
+    """`python -m transformer_comparison.bench.decode --case JSON`: print one result line per context."""
+    parser = argparse.ArgumentParser(description="decode benchmark of one mechanism (used by tcompare bench decode)")
+    parser.add_argument("--case", required=True, help="the case as JSON")
+    case = json.loads(parser.parse_args(argv).case)
+    try:
+        for result in measure(case):
+            print(RESULT_PREFIX + json.dumps(result), flush=True)
+    except Exception as error:  # e.g. the model could not be built: reported for the first context
+        print(RESULT_PREFIX + json.dumps({"status": error_status(error)}), flush=True)
+    return 0
+
+
+# --------------------------------------------------------------------------- parent
+
+
+def exit_status(proc: subprocess.Popen, stderr_lines: list[str]) -> str:
+    """Why a child ended without reporting: killed (by the OOM killer: 'oom'), or its last stderr line."""
+    code = proc.wait()
+    if code == -signal.SIGKILL:
+        return "oom"
+    if code < 0:
+        return f"killed by signal {signal.Signals(-code).name}"
+    lines = [line.strip() for line in stderr_lines if line.strip()]
+    return (lines[-1] if lines else f"exit status {code}")[:300]
+
+
+def run_mechanism(case: dict[str, Any], timeout: float) -> list[dict[str, Any]]:
+    """Run one mechanism's child; one result per context, the contexts after a failure marked skipped."""
+    command = [sys.executable, "-m", "transformer_comparison.bench.decode", "--case", json.dumps(case)]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    results: queue.Queue[dict[str, Any] | None] = queue.Queue()
+    stderr_lines: list[str] = []
+
+    def read_stdout() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if line.startswith(RESULT_PREFIX):
+                results.put(json.loads(line[len(RESULT_PREFIX):]))
+        results.put(None)
+
+    def read_stderr() -> None:
+        assert proc.stderr is not None
+        stderr_lines.extend(proc.stderr)
+
+    readers = [threading.Thread(target=read_stdout, daemon=True), threading.Thread(target=read_stderr, daemon=True)]
+    for reader in readers:
+        reader.start()
+    out: list[dict[str, Any]] = []
+    try:
+        for context in case["contexts"]:
+            try:
+                result = results.get(timeout=timeout)
+            except queue.Empty:
+                out.append({"context_length": context, "status": "timeout"})
+                break
+            if result is None:
+                for reader in readers:
+                    reader.join(timeout=5)
+                out.append({"context_length": context, "status": exit_status(proc, stderr_lines)})
+                break
+            out.append({**result, "context_length": context})
+            if result["status"] != "ok":
+                break
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+    if len(out) < len(case["contexts"]):
+        reason = f"skipped ({out[-1]['status']} at context {out[-1]['context_length']})"
+        out += [{"context_length": c, "status": reason} for c in case["contexts"][len(out):]]
+    return out
+
+
+def make_row(case: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:
+    model = case["config"]["model"]
+    return {
+        "mechanism": case["mechanism"], "position_embedding": case["position_embedding"],
+        "context_length": result["context_length"], "ms_per_token": result.get("ms_per_token"),
+        "cache_bytes": result.get("cache_bytes"), "status": result["status"],
+        "threads": case["threads"], "batch": case["batch"], "allocated_bytes": result.get("allocated_bytes"),
+        "weights": "trained" if case["run"] else "random", "device": case["device"],
+        "d_model": model["d_model"], "num_heads": model["num_heads"], "kv_heads": case["kv_heads"],
+        "num_layers": model["num_layers"], "vocab_size": case["vocab_size"],
+        "train_context_length": model["context_length"],
+        "options": " ".join(f"{k}={v}" for k, v in case["options"].items()),
+    }
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    header = ["mechanism", "position", "context", "ms/token", "cache_KiB", "status"]
+    lines = [header]
+    for row in rows:
+        lines.append([
+            row["mechanism"], row["position_embedding"], str(row["context_length"]),
+            f"{row['ms_per_token']:.3f}" if row["ms_per_token"] is not None else "-",
+            f"{row['cache_bytes'] / 1024:.1f}" if row["cache_bytes"] is not None else "-",
+            row["status"],
+        ])
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    for line in lines:
+        cells = [cell.rjust(w) if i in (2, 3, 4) else cell.ljust(w) for i, (cell, w) in enumerate(zip(line, widths))]
+        print("  ".join(cells).rstrip())
+
+
+def checks(rows: list[dict[str, Any]], cases: list[dict[str, Any]]) -> list[str]:
+    """The expected shapes of the curves, as measured: linear's flat latency, local's constant cache,
+    gqa's cache ratio. Reported, not asserted."""
+    def ok(mechanism: str, column: str) -> dict[int, float]:
+        return {r["context_length"]: r[column] for r in rows
+                if r["mechanism"] == mechanism and r["status"] == "ok" and r[column] is not None}
+
+    notes = []
+    linear = {c: t for c, t in ok("linear", "ms_per_token").items() if c >= 256}
+    if len(linear) >= 2:
+        lo, hi = min(linear), max(linear)
+        change = max((t / linear[lo] - 1 for t in linear.values()), key=abs)
+        notes.append(f"linear: ms/token {linear[lo]:.3f} at {lo}, {linear[hi]:.3f} at {hi}; largest change from {lo}: "
+                     f"{change:+.0%} (target within +-25%)")
+    local_case = next((c for c in cases if c["mechanism"] == "local"), None)
+    if local_case is not None:
+        window = local_case["options"].get("window")
+        beyond = {c: b for c, b in ok("local", "cache_bytes").items() if window is not None and c >= window}
+        if beyond:
+            constant = len(set(beyond.values())) == 1
+            notes.append(f"local: cache {'constant at ' + format_value(next(iter(beyond.values()))) + ' bytes' if constant else 'NOT constant'} "
+                         f"for contexts >= window {window} ({len(beyond)} contexts)")
+    gqa, dense = ok("gqa", "cache_bytes"), ok("dot_product", "cache_bytes")
+    common = sorted(set(gqa) & set(dense))
+    gqa_case = next((c for c in cases if c["mechanism"] == "gqa"), None)
+    if common and gqa_case is not None:
+        ratios = {gqa[c] / dense[c] for c in common}
+        expected = gqa_case["kv_heads"] / gqa_case["config"]["model"]["num_heads"]
+        verdict = "exactly" if ratios == {expected} else "NOT"
+        notes.append(f"gqa: cache / dot_product's = {', '.join(f'{r:.4g}' for r in sorted(ratios))}, {verdict} "
+                     f"kv_heads/heads = {expected:.4g} ({len(common)} contexts)")
+    return notes
+
+
+def plot(rows: list[dict[str, Any]], column: str, ylabel: str, title: str, path: Path, scale: float = 1.0) -> None:
+    """Log-log plot of `column` against context_length, one line per mechanism."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for mechanism in dict.fromkeys(r["mechanism"] for r in rows):
+        points = sorted((r["context_length"], r[column] * scale) for r in rows
+                        if r["mechanism"] == mechanism and r["status"] == "ok" and r[column])
+        if points:
+            xs, ys = zip(*points)
+            ax.plot(xs, ys, marker="o", label=mechanism)
+    contexts = sorted({r["context_length"] for r in rows})
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xticks(contexts, [str(c) for c in contexts])
+    ax.minorticks_off()
+    ax.set_xlabel("context length (tokens in the cache)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run(args: argparse.Namespace) -> int:
+    cases = build_cases(args)
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    first = cases[0]
+    model = first["config"]["model"]
+    print(f"tcompare bench decode: {len(cases)} mechanisms x {len(first['contexts'])} contexts on {first['device']} "
+          f"({first['threads']} threads), {first['position_embedding']}, batch {first['batch']}, d_model {model['d_model']}, "
+          f"{model['num_layers']} layers, {model['num_heads']} heads, {'trained run' if args.run else 'random weights'}",
+          file=sys.stderr)
+    rows: list[dict[str, Any]] = []
+    for case in cases:
+        print(f"  {case['mechanism']} ...", file=sys.stderr, flush=True)
+        for result in run_mechanism(case, args.timeout):
+            rows.append(make_row(case, result))
+        write_csv(out_dir / "decode.csv", rows, CSV_COLUMNS + EXTRA_COLUMNS)
+    print_table(rows)
+    plot(rows, "ms_per_token", "median time per token (ms)", "decoding one token", out_dir / "decode_latency.png")
+    plot(rows, "cache_bytes", "cache / state (MiB, all layers)", "decoding memory", out_dir / "decode_cache.png", scale=1 / 2**20)
+    notes = checks(rows, cases)
+    if notes:
+        print()
+        for note in notes:
+            print(note)
+    print(f"\nwrote {out_dir / 'decode.csv'}, decode_latency.png, decode_cache.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(case_main())
