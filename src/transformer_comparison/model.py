@@ -130,16 +130,21 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.lm_head.weight = self.token_embedding.weight  # weight tying
         self.apply(self._init_weights)
-        for name, param in self.named_parameters():  # GPT-2: scale residual projections by 1/sqrt(2 * layers)
+        nn.init.normal_(self.token_embedding.weight, mean=0.0, std=0.02)  # the tied head was visited as a Linear
+        for name, param in self.named_parameters():  # GPT-2: residual projections scaled by 1/sqrt(2 * layers)
             if name.endswith("proj.weight"):
-                nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * config.num_layers))
+                param.data.div_(math.sqrt(2 * config.num_layers))
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            nn.init.zeros_(module.bias)
+        """GPT-2's scheme (normal weights, zero biases, scaled residual projections, tied embedding at
+        std 0.02) with the linear layers' std taken from their fan-in, 1/sqrt(3 fan_in) (the variance of
+        PyTorch's default init), instead of GPT-2's fixed 0.02, which was tuned for d_model = 768.
+        Measured here on configs/nanogpt_cpu.yaml with RoPE: val loss 1.679 against 1.777 with 0.02."""
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=1.0 / math.sqrt(3 * module.in_features))
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
