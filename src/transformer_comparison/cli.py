@@ -23,7 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     """The full parser; with `only`, the named sub-command's module is the only one imported."""
-    parser = argparse.ArgumentParser(prog="tcompare", description=__doc__)
+    parser = argparse.ArgumentParser(prog="tcompare", description="Compare attention mechanisms and positional encodings on language modelling.")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
         sub = subparsers.add_parser(name, help=help_text, description=help_text)
