@@ -1,5 +1,4 @@
-"""dot_product against the dense reference (float64), and the checks the other softmax kernels' tests reuse:
-the reference comparison, a probe for per-head K/V copies, and the memory autograd keeps."""
+"""dot_product against the dense reference (float64); the shared checks live in checks.py."""
 
 from __future__ import annotations
 
@@ -7,86 +6,10 @@ import math
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from tests.attention.conftest import make_qkv
-from tests.attention.reference import reference_attention
-from transformer_comparison.attention import AttentionKernel, build_attention
-from transformer_comparison.position import Rotary, alibi_slopes
-
-TIGHT = {"rtol": 1e-9, "atol": 1e-10}
-POSITIONS = ["none", "alibi", "rope", "alibi+rope"]
-
-
-def assert_matches_reference(
-    mechanism: str, attn: AttentionKernel, q, k, v, *, causal: bool = True, position: str = "none",
-    last: int | None = None, **reference_options,
-) -> None:
-    """Output, entropy and the gradients of q, k, v (through fixed random output weights) equal the reference.
-
-    `position` is one of POSITIONS: ALiBi slopes and/or RoPE (base 10000) given to both sides.
-    `last`: the kernel gets only the last `last` queries (decoding from a cache, nq < nk) and must
-    give the last rows of the full reference.
-    """
-    heads = q.shape[1]
-    slopes = alibi_slopes(heads, dtype=q.dtype) if "alibi" in position else None
-    rope_base = 10000.0 if "rope" in position else None
-    rope = None if rope_base is None else Rotary(rope_base)
-    rows = slice(-last if last else 0, None)
-    out, entropy = attn(q[:, :, rows], k, v, causal=causal, alibi_slopes=slopes, rope=rope, return_entropy=True)
-    ref_out, ref_entropy = reference_attention(
-        mechanism, q, k, v, causal=causal, alibi_slopes=slopes, rope_base=rope_base, **reference_options
-    )
-    ref_out, ref_entropy = ref_out[:, :, rows], ref_entropy[:, :, rows]
-    assert out.shape == ref_out.shape and entropy.shape == ref_out.shape[:3]
-    torch.testing.assert_close(out, ref_out, **TIGHT)
-    torch.testing.assert_close(entropy, ref_entropy, **TIGHT)
-    weights = torch.randn(ref_out.shape, generator=torch.Generator().manual_seed(1), dtype=ref_out.dtype)
-    grads = torch.autograd.grad((out * weights).sum(), (q, k, v))
-    ref_grads = torch.autograd.grad((ref_out * weights).sum(), (q, k, v))
-    for name, grad, ref_grad in zip("qkv", grads, ref_grads):
-        torch.testing.assert_close(grad, ref_grad, **TIGHT, msg=lambda m, name=name: f"grad of {name}: {m}")
-
-
-class LargestTensor(TorchDispatchMode):
-    """Records the largest number of elements of any tensor an op produces while active."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.numel = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.numel = max(self.numel, t.numel())
-        return out
-
-
-def assert_no_repeated_kv(attn: AttentionKernel, nk: int = 64) -> None:
-    """Decoding one query of 8 heads over one kv head: no op may build a (heads, nk, d) K or V copy."""
-    q = torch.randn(1, 8, 1, 16, requires_grad=True)
-    k = torch.randn(1, 1, nk, 16, requires_grad=True)
-    v = torch.randn(1, 1, nk, 16, requires_grad=True)
-    with LargestTensor() as probe:
-        out = attn(q, k, v, alibi_slopes=alibi_slopes(8), rope=Rotary(), return_entropy=True)[0]
-        torch.autograd.grad(out.square().sum(), (q, k, v))
-    assert probe.numel < 8 * nk * 16 / 2, f"an intermediate of {probe.numel} elements: K/V repeated per query head?"
-
-
-def saved_bytes(attn: AttentionKernel, n: int) -> int:
-    """Bytes autograd keeps for backward beyond q, k, v themselves."""
-    q, k, v = (torch.randn(1, 2, n, 8, requires_grad=True) for _ in range(3))
-    storages: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        attn(q, k, v)
-    inputs = {t.untyped_storage().data_ptr() for t in (q, k, v)}
-    return sum(size for pointer, size in storages.items() if pointer not in inputs)
+from tests.attention.checks import POSITIONS, assert_matches_reference
+from transformer_comparison.attention import build_attention
 
 
 @pytest.mark.parametrize("position", POSITIONS)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tests.attention.conftest import make_qkv
-from tests.attention.test_dot_product import POSITIONS, TIGHT, assert_matches_reference, assert_no_repeated_kv
+from tests.attention.checks import POSITIONS, TIGHT, assert_matches_reference, assert_no_repeated_kv
 from transformer_comparison.attention import build_attention
 from transformer_comparison.position import Rotary, alibi_slopes
 

@@ -8,27 +8,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.attention.conftest import make_qkv
+from tests.attention import checks
+from tests.attention.checks import TIGHT
 from tests.attention.reference import reference_attention
 from transformer_comparison.attention import build_attention, kernel_options
 from transformer_comparison.position import Rotary, alibi_slopes
 
-TIGHT = {"rtol": 1e-9, "atol": 1e-10}
 
 
-def assert_matches_reference(attn, q, k, v, *, causal, slopes=None, rope_base=None, seed=0):
+def assert_matches_reference(attn, q, k, v, *, causal, slopes=None, rope_base=None):
     """Output, entropy and q/k/v gradients of `attn` equal the reference linear attention."""
-    rope = None if rope_base is None else Rotary(base=rope_base)
-    out, entropy = attn(q, k, v, causal=causal, alibi_slopes=slopes, rope=rope, return_entropy=True)
-    ref_out, ref_entropy = reference_attention(
-        "linear", q, k, v, causal=causal, alibi_slopes=slopes, rope_base=rope_base
-    )
-    torch.testing.assert_close(out, ref_out, **TIGHT)
-    torch.testing.assert_close(entropy, ref_entropy, **TIGHT)
-    weights = torch.randn(ref_out.shape, generator=torch.Generator().manual_seed(seed), dtype=ref_out.dtype)
-    grads = torch.autograd.grad((out * weights).sum(), (q, k, v))
-    ref_grads = torch.autograd.grad((ref_out * weights).sum(), (q, k, v))
-    for name, grad, ref_grad in zip("qkv", grads, ref_grads):
-        torch.testing.assert_close(grad, ref_grad, **TIGHT, msg=lambda m, name=name: f"grad {name}: {m}")
+    checks.assert_matches_reference("linear", attn, q, k, v, causal=causal, slopes=slopes, rope_base=rope_base)
 
 
 @pytest.mark.parametrize("n", [1, 7, 13])

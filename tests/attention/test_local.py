@@ -7,7 +7,7 @@ import torch
 
 import transformer_comparison.attention.local as local_module
 from tests.attention.conftest import make_qkv
-from tests.attention.test_dot_product import (
+from tests.attention.checks import (
     POSITIONS,
     TIGHT,
     LargestTensor,

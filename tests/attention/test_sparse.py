@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tests.attention.conftest import make_qkv
-from tests.attention.test_dot_product import (
+from tests.attention.checks import (
     POSITIONS,
     TIGHT,
     assert_matches_reference,
