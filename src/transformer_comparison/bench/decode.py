@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from transformer_comparison.bench.kernels import error_status, format_value, parse_list, resolve_device, write_csv
+from transformer_comparison.bench.kernels import error_status, format_loglog, format_value, parse_list, resolve_device, write_csv
 from transformer_comparison.errors import UserError
 
 CSV_COLUMNS = ("mechanism", "position_embedding", "context_length", "ms_per_token", "cache_bytes", "status")
@@ -372,17 +372,7 @@ def plot(rows: list[dict[str, Any]], column: str, ylabel: str, title: str, path:
         if points:
             xs, ys = zip(*points)
             ax.plot(xs, ys, marker="o", label=mechanism)
-    contexts = sorted({r["context_length"] for r in rows})
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xticks(contexts, [str(c) for c in contexts])
-    ax.minorticks_off()
-    ax.set_xlabel("context length (tokens in the cache)")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.grid(True, which="both", alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize="small")
+    format_loglog(ax, sorted({r["context_length"] for r in rows}), "context length (tokens in the cache)", ylabel, title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

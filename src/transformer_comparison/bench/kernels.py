@@ -456,20 +456,24 @@ def plot(rows: list[dict[str, Any]], column: str, ylabel: str, path: Path, scale
             if points:
                 xs, ys = zip(*points)
                 ax.plot(xs, ys, marker="o", linestyle="--" if mechanism == REFERENCE else "-", label=mechanism)
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        lengths = sorted({r["seq_len"] for r in rows})
-        ax.set_xticks(lengths, [str(n) for n in lengths])
-        ax.minorticks_off()
-        ax.set_xlabel("sequence length n")
-        ax.set_ylabel(ylabel)
-        ax.set_title(pass_name)
-        ax.grid(True, which="both", alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize="small")
+        format_loglog(ax, sorted({r["seq_len"] for r in rows}), "sequence length n", ylabel, pass_name)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def format_loglog(ax: Any, ticks: list[int], xlabel: str, ylabel: str, title: str) -> None:
+    """The benchmarks' plot style: log2 x axis ticked at the measured points, log y, grid, legend."""
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xticks(ticks, [str(t) for t in ticks])
+    ax.minorticks_off()
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize="small")
 
 
 def run(args: argparse.Namespace) -> int:
