@@ -177,7 +177,7 @@ def kv_heads_for(cfg: Config) -> int:
 def kernel_options_for(cfg: Config) -> dict[str, Any]:
     """The construction options of cfg.attention.type's kernel, taken from the attention section.
 
-    An option the kernel has but the config does not (none today) keeps the kernel's default.
+    An option the kernel has but the config does not (flash use_sdpa, linear eps) keeps the kernel's default.
     """
     import transformer_comparison.attention  # noqa: F401  (registers the kernels)
     from transformer_comparison.attention.registry import kernel_options
