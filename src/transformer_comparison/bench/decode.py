@@ -31,7 +31,9 @@ from typing import Any
 
 import torch
 
-from transformer_comparison.bench.kernels import error_status, format_loglog, format_value, parse_list, resolve_device, write_csv
+from transformer_comparison.bench.kernels import (
+    error_status, format_loglog, format_value, parse_list, parse_positive_ints, resolve_device, write_csv,
+)
 from transformer_comparison.errors import UserError
 
 CSV_COLUMNS = ("mechanism", "position_embedding", "context_length", "ms_per_token", "cache_bytes", "status")
@@ -71,16 +73,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def parse_contexts(text: str) -> list[int]:
-    contexts = []
-    for item in parse_list(text, "contexts"):
-        try:
-            value = int(item)
-        except ValueError:
-            raise UserError(f"--contexts: {item!r} is not an integer; give e.g. --contexts 256,4096") from None
-        if value < 1:
-            raise UserError(f"--contexts: {value} must be >= 1")
-        contexts.append(value)
-    return sorted(contexts)
+    return parse_positive_ints(text, "contexts", "256,4096")
 
 
 def base_config(args: argparse.Namespace) -> tuple[Any, int, str | None]:

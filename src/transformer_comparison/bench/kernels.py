@@ -85,17 +85,22 @@ def parse_list(text: str, what: str) -> list[str]:
     return list(dict.fromkeys(items))
 
 
-def parse_lengths(text: str) -> list[int]:
-    lengths = []
-    for item in parse_list(text, "lengths"):
+def parse_positive_ints(text: str, what: str, example: str) -> list[int]:
+    """'512,1024' for option --`what` -> sorted distinct integers >= 1, or a one-line UserError."""
+    values = []
+    for item in parse_list(text, what):
         try:
             value = int(item)
         except ValueError:
-            raise UserError(f"--lengths: {item!r} is not an integer; give e.g. --lengths 512,1024") from None
+            raise UserError(f"--{what}: {item!r} is not an integer; give e.g. --{what} {example}") from None
         if value < 1:
-            raise UserError(f"--lengths: {value} must be >= 1")
-        lengths.append(value)
-    return sorted(lengths)
+            raise UserError(f"--{what}: {value} must be >= 1")
+        values.append(value)
+    return sorted(values)
+
+
+def parse_lengths(text: str) -> list[int]:
+    return parse_positive_ints(text, "lengths", "512,1024")
 
 
 def valid_mechanisms() -> list[str]:
