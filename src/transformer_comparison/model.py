@@ -171,7 +171,7 @@ class GPT(nn.Module):
         if start == 0:
             table = sinusoidal_encoding(n, self.config.d_model)
         else:
-            table = sinusoidal_rows(start, n, self.config.d_model)
+            table = sinusoidal_encoding(n, self.config.d_model, start=start)
         return table.to(self.position_table.device) / math.sqrt(self.config.d_model)
 
     def new_caches(self) -> list[DecodeCache]:
@@ -205,15 +205,3 @@ class GPT(nn.Module):
         logits = self.lm_head(self.ln_f(x))
         loss = None if targets is None else F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
         return logits, loss, torch.stack(entropies) if return_entropy else None
-
-
-def sinusoidal_rows(start: int, n: int, dim: int, dtype: torch.dtype = torch.float32) -> Tensor:
-    """Rows start .. start + n - 1 of `sinusoidal_encoding(start + n, dim)`, computed the same way
-    (float64, then cast) without the rows before them: a decoding step needs one row, not the table."""
-    position = torch.arange(start, start + n, dtype=torch.float64).unsqueeze(1)
-    even_dims = torch.arange(0, dim, 2, dtype=torch.float64)
-    angle = position * torch.exp(-math.log(10000.0) * even_dims / dim)
-    table = torch.zeros(n, dim, dtype=torch.float64)
-    table[:, 0::2] = torch.sin(angle)
-    table[:, 1::2] = torch.cos(angle[:, : dim // 2])
-    return table.to(dtype)

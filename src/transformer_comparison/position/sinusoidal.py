@@ -12,11 +12,12 @@ import torch
 from torch import Tensor
 
 
-def sinusoidal_encoding(num_positions: int, dim: int, dtype: torch.dtype = torch.float32) -> Tensor:
-    """Return the (num_positions, dim) table; `dim` may be odd (the last cosine is dropped)."""
-    if num_positions < 0 or dim < 1:
-        raise ValueError(f"sinusoidal_encoding needs num_positions >= 0 and dim >= 1, got {num_positions}, {dim}")
-    position = torch.arange(num_positions, dtype=torch.float64).unsqueeze(1)
+def sinusoidal_encoding(num_positions: int, dim: int, dtype: torch.dtype = torch.float32, start: int = 0) -> Tensor:
+    """Return the (num_positions, dim) table for positions start .. start + num_positions - 1;
+    `dim` may be odd (the last cosine is dropped). A decoding step asks for one row with `start`."""
+    if num_positions < 0 or dim < 1 or start < 0:
+        raise ValueError(f"sinusoidal_encoding needs num_positions >= 0, dim >= 1, start >= 0, got {num_positions}, {dim}, {start}")
+    position = torch.arange(start, start + num_positions, dtype=torch.float64).unsqueeze(1)
     even_dims = torch.arange(0, dim, 2, dtype=torch.float64)
     angle = position * torch.exp(-math.log(10000.0) * even_dims / dim)
     table = torch.zeros(num_positions, dim, dtype=torch.float64)
