@@ -219,11 +219,12 @@ def test_kernel_options_come_from_the_attention_section():
     for name in registered_names():  # those written so far
         cfg = load_config(None, attention_type=name)
         options = kernel_options_for(cfg)
-        # options the config has are passed; kernel-only ones (flash's use_sdpa) keep their defaults
+        # options the config has are passed; kernel-only ones (linear's eps) keep their defaults
         assert set(options) == set(kernel_options(name)) & set(AttentionConfig.model_fields)
         assert all(options[key] == getattr(cfg.attention, key) for key in options)
         attention.build_attention(name, **options)
     assert kernel_options_for(load_config(None, ["attention.window=7"], attention_type="local")) == {"window": 7}
+    assert kernel_options_for(load_config(None, ["attention.use_sdpa=true"], attention_type="flash"))["use_sdpa"] is True
 
 
 @settings(max_examples=40, deadline=None)

@@ -54,6 +54,7 @@ class AttentionConfig(_Section):
     window: int = Field(32, ge=1)  # local: keys each query sees, itself included
     top_k: int = Field(16, ge=1)  # sparse: keys kept per query
     block_size: int = Field(64, ge=1)  # flash: query/key tile size
+    use_sdpa: bool = False  # flash: torch's fused SDPA where it is the same maths (no entropy, no n x n mask)
     chunk_size: int = Field(64, ge=1)  # linear: chunk length of the causal scan
     feature_map: Literal["elu"] = "elu"  # linear: phi(x) = elu(x) + 1
     num_kv_heads: int | None = Field(None, ge=1)  # every mechanism but gqa; null: num_heads
@@ -177,7 +178,7 @@ def kv_heads_for(cfg: Config) -> int:
 def kernel_options_for(cfg: Config) -> dict[str, Any]:
     """The construction options of cfg.attention.type's kernel, taken from the attention section.
 
-    An option the kernel has but the config does not (flash use_sdpa, linear eps) keeps the kernel's default.
+    An option the kernel has but the config does not (linear eps) keeps the kernel's default.
     """
     import transformer_comparison.attention  # noqa: F401  (registers the kernels)
     from transformer_comparison.attention.registry import kernel_options
