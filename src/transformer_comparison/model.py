@@ -1,7 +1,7 @@
 """A GPT language model (in the spirit of nanoGPT's model.py) whose attention is any registered mechanism.
 
 Token embedding tied to the output head, `num_layers` pre-LayerNorm blocks (attention from the
-registry, then an MLP), a final LayerNorm, GPT-2 initialisation. The positional encoding comes from
+registry, then an MLP), a final LayerNorm, GPT-2-style initialisation scaled by fan-in (GPT._init_weights). The positional encoding comes from
 `transformer_comparison.position`: sinusoidal is added to the embeddings; RoPE and ALiBi are handed
 to the attention kernel (position.kernel_position_args).
 
@@ -130,19 +130,21 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.lm_head.weight = self.token_embedding.weight  # weight tying
         self.apply(self._init_weights)
-        nn.init.normal_(self.token_embedding.weight, mean=0.0, std=0.02)  # the tied head was visited as a Linear
+        nn.init.normal_(self.token_embedding.weight, mean=0.0, std=config.d_model**-0.5)  # the tied head was visited as a Linear
         for name, param in self.named_parameters():  # GPT-2: residual projections scaled by 1/sqrt(2 * layers)
             if name.endswith("proj.weight"):
                 param.data.div_(math.sqrt(2 * config.num_layers))
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
-        """GPT-2's scheme (normal weights, zero biases, scaled residual projections, tied embedding at
-        std 0.02) with the linear layers' std taken from their fan-in, 1/sqrt(3 fan_in) (the variance of
-        PyTorch's default init), instead of GPT-2's fixed 0.02, which was tuned for d_model = 768.
-        Measured here on configs/nanogpt_cpu.yaml with RoPE: val loss 1.679 against 1.777 with 0.02."""
+        """Linear layers: normal with std 1/sqrt(fan_in), which keeps activations at unit scale
+        (LeCun); GPT-2's fixed 0.02 was tuned for d_model = 768 and starves small models. The
+        residual projections are further divided by sqrt(2 * layers) and biases start at zero (GPT-2).
+        The tied embedding has std d_model^-1/2 (Vaswani et al.), so the output head starts with
+        logits of std 1. Measured on configs/nanogpt_cpu.yaml, dot_product, mean of seeds 1337-1340
+        (docs/results.md): rope 1.670 and alibi 1.736, against 1.777 (rope) with GPT-2's 0.02."""
         if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, mean=0.0, std=1.0 / math.sqrt(3 * module.in_features))
+            nn.init.normal_(module.weight, mean=0.0, std=1.0 / math.sqrt(module.in_features))
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
 
@@ -162,9 +164,10 @@ class GPT(nn.Module):
     def sinusoidal_positions(self, n: int, start: int = 0) -> Tensor:
         """Rows start .. start + n - 1 of the sinusoidal table, scaled by 1/sqrt(d_model); computed afresh beyond the table.
 
-        Vaswani et al. multiply embeddings by sqrt(d_model) before adding the table; with GPT-2's
-        embedding init (std 0.02) an unscaled table drowns the tokens (val loss 2.98 vs 2.18 after a
-        600-step nanoGPT-recipe run here), so the table is scaled down by the same factor instead.
+        Vaswani et al. multiply the embeddings by sqrt(d_model) before adding the table; here the
+        table is divided by it instead, which keeps their relative scale (embedding entries of std
+        d_model^-1/2 against table entries of RMS 0.71 d_model^-1/2). Measured on
+        configs/nanogpt_cpu.yaml, seeds 1337/1338: 1.728/1.754 scaled, 1.781/1.780 unscaled.
         """
         if start + n <= self.position_table.shape[0]:
             return self.position_table[start : start + n]
