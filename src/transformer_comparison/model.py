@@ -1,7 +1,8 @@
 """A GPT language model (in the spirit of nanoGPT's model.py) whose attention is any registered mechanism.
 
 Token embedding tied to the output head, `num_layers` pre-LayerNorm blocks (attention from the
-registry, then an MLP), a final LayerNorm, GPT-2-style initialisation scaled by fan-in (GPT._init_weights). The positional encoding comes from
+registry, then an MLP), a final LayerNorm, and GPT-2's initialisation with the standard deviations
+taken from the layer widths (GPT._init_weights). The positional encoding comes from
 `transformer_comparison.position`: sinusoidal is added to the embeddings; RoPE and ALiBi are handed
 to the attention kernel (position.kernel_position_args).
 
@@ -141,8 +142,8 @@ class GPT(nn.Module):
         (LeCun); GPT-2's fixed 0.02 was tuned for d_model = 768 and starves small models. The
         residual projections are further divided by sqrt(2 * layers) and biases start at zero (GPT-2).
         The tied embedding has std d_model^-1/2 (Vaswani et al.), so the output head starts with
-        logits of std 1. Measured on configs/nanogpt_cpu.yaml, dot_product, mean of seeds 1337-1340
-        (docs/results.md): rope 1.670 and alibi 1.736, against 1.777 (rope) with GPT-2's 0.02."""
+        logits of std 1. Measured on configs/nanogpt_cpu.yaml with dot_product (docs/results.md):
+        rope 1.666 and alibi 1.736, means of 6 seeds, against rope 1.777 with GPT-2's 0.02."""
         if isinstance(module, nn.Linear):
             nn.init.normal_(module.weight, mean=0.0, std=1.0 / math.sqrt(module.in_features))
             if module.bias is not None:
