@@ -42,6 +42,7 @@ import torch
 from torch.nn import functional as F
 
 from transformer_comparison.errors import UserError
+from transformer_comparison.numerics import flush_subnormals
 
 CSV_COLUMNS = [
     "eval_length", "stride", "val_loss", "val_perplexity",
@@ -242,6 +243,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--stride {stride} is larger than the evaluation length {lengths[0]}; "
                         f"the stride must be between 1 and the smallest length")
     device = resolve_device(args.device)
+    flush_subnormals()
     run_dir: Path = args.run
     out_csv: Path = args.out or run_dir / "extrapolation.csv"
 

@@ -32,6 +32,7 @@ from transformer_comparison.config import Config, kernel_options_for, kv_heads_f
 from transformer_comparison.data import prepare_data
 from transformer_comparison.errors import UserError
 from transformer_comparison.model import GPT, GPTConfig
+from transformer_comparison.numerics import flush_subnormals
 from transformer_comparison.position import POSITION_TYPES
 from transformer_comparison.wandb_logging import WandbLogger
 
@@ -91,7 +92,8 @@ class Runtime:
 
 
 def setup_runtime(cfg: Config) -> Runtime:
-    """Pick the device, start DDP when launched by torchrun, choose autocast (bf16 on GPU)."""
+    """Pick the device, start DDP when launched by torchrun, choose autocast (bf16 on GPU), flush subnormals."""
+    flush_subnormals()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))

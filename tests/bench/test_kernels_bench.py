@@ -13,6 +13,7 @@ from transformer_comparison.attention import build_attention
 from transformer_comparison.bench import kernels
 from transformer_comparison.bench.memory import measure_peak, memtracker_peak
 from transformer_comparison.cli import main
+from transformer_comparison.position import Rotary, alibi_slopes
 
 FAST = ["--min_run_time", "0.01", "--threads", "1"]
 
@@ -45,6 +46,32 @@ def test_end_to_end_writes_csv_and_plots(tmp_path: Path) -> None:
     assert columns == ["mechanism", "pass", "metric", "crossover_seq_len"]
 
 
+@pytest.mark.slow
+def test_position_embedding_reaches_every_case(tmp_path: Path) -> None:
+    out = tmp_path / "bench"
+    rc = main(["bench", "kernels", "--lengths", "48", "--mechanisms", "flash,local,torch_sdpa", "--passes",
+               "forward_backward", "--position_embedding", "alibi", "--window", "16", "--out", str(out), *FAST])
+    assert rc == 0
+    _, rows = read_rows(out / "kernels.csv")
+    assert [(r["mechanism"], r["status"], r["position_embedding"]) for r in rows] == [
+        ("flash", "ok", "alibi"), ("local", "ok", "alibi"), ("torch_sdpa", "ok", "alibi")]
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("kv_heads", [4, 2])
+@pytest.mark.parametrize("position", ["alibi", "rope"])
+def test_torch_sdpa_baseline_computes_what_dot_product_does(position: str, kv_heads: int, causal: bool) -> None:
+    """The SDPA baseline gets the same maths as the kernels: RoPE rotated in, ALiBi as a dense mask."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 12, 8, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(2, kv_heads, 12, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    args = {"alibi_slopes": alibi_slopes(4, torch.float64)} if position == "alibi" else {"rope": Rotary(10000.0)}
+    expected = build_attention("dot_product")(q, k, v, causal=causal, **args)
+    torch.testing.assert_close(kernels.reference_sdpa(q, k, v, causal=causal, **args), expected)
+    if causal:  # end-aligned queries, as when decoding
+        torch.testing.assert_close(kernels.reference_sdpa(q[:, :, -3:], k, v, causal=True, **args), expected[:, :, -3:])
+
+
 def test_crossover_rows_per_mechanism_pass_and_metric() -> None:
     def row(mechanism: str, n: int, time_ms: float | None, memory: int | None, status: str = "ok") -> dict:
         return {"mechanism": mechanism, "seq_len": n, "pass": "forward", "time_ms": time_ms,
@@ -67,7 +94,7 @@ def test_unknown_mechanism_exits_2_with_one_line(tmp_path: Path, capsys: pytest.
 
 
 @pytest.mark.parametrize("bad", [["--lengths", "32,x"], ["--lengths", "0"], ["--dtype", "int8"],
-                                 ["--passes", "backward"], ["--kv_heads", "3"]])
+                                 ["--passes", "backward"], ["--kv_heads", "3"], ["--position_embedding", "learned"]])
 def test_bad_input_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str], bad: list[str]) -> None:
     assert main(["bench", "kernels", *bad, "--out", str(tmp_path / "b")]) == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1

@@ -35,6 +35,7 @@ from transformer_comparison.bench.kernels import (
     error_status, format_loglog, format_value, parse_list, parse_positive_ints, resolve_device, write_csv,
 )
 from transformer_comparison.errors import UserError
+from transformer_comparison.numerics import flush_subnormals
 
 CSV_COLUMNS = ("mechanism", "position_embedding", "context_length", "ms_per_token", "cache_bytes", "status")
 EXTRA_COLUMNS = (
@@ -186,6 +187,7 @@ def measure(case: dict[str, Any]) -> Iterator[dict[str, Any]]:
     from transformer_comparison.bench.memory import available_memory_bytes, limit_address_space
 
     torch.set_num_threads(case["threads"])
+    flush_subnormals()
     device = torch.device(case["device"])
     with torch.inference_mode():
         model = load_model(case)

@@ -31,6 +31,8 @@ from torch import Tensor
 from transformer_comparison.attention import build_attention, kernel_options
 from transformer_comparison.attention.registry import registered_names
 from transformer_comparison.errors import UserError
+from transformer_comparison.numerics import flush_subnormals
+from transformer_comparison.position import POSITION_TYPES, alibi_bias, kernel_position_args
 
 BASELINE = "dot_product"
 REFERENCE = "torch_sdpa"  # torch.nn.functional.scaled_dot_product_attention
@@ -40,8 +42,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 OPTION_FLAGS = ("window", "top_k", "block_size")
 CSV_COLUMNS = ("mechanism", "seq_len", "pass", "time_ms", "peak_memory_bytes", "status")
 EXTRA_COLUMNS = (
-    "gflops_per_second", "peak_rss_delta_bytes", "memory_method", "batch", "heads", "kv_heads", "head_dim",
-    "causal", "dtype", "device", "threads", "options",
+    "gflops_per_second", "peak_rss_delta_bytes", "memory_method", "position_embedding", "batch", "heads",
+    "kv_heads", "head_dim", "causal", "dtype", "device", "threads", "options",
 )
 RESULT_PREFIX = "TCOMPARE_CASE_RESULT "
 FAILED_STATUSES = ("oom", "timeout")
@@ -58,6 +60,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="key/value heads for every mechanism (default: heads, and heads // 4 for gqa)")
     parser.add_argument("--head_dim", type=int, default=64)
     parser.add_argument("--causal", action=argparse.BooleanOptionalAction, default=True, help="causal masking (default: on)")
+    parser.add_argument("--position_embedding", default="sinusoidal",
+                        help="what each kernel receives (position.kernel_position_args): sinusoidal (nothing: it is "
+                             "added to the embeddings), rope (q and k rotated) or alibi (a bias per head); torch_sdpa "
+                             "gets q and k rotated before it, or ALiBi as a dense n x n mask (default: %(default)s)")
     parser.add_argument("--dtype", default="float32", help=f"one of {', '.join(DTYPES)} (default: %(default)s)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto = cuda when available)")
     parser.add_argument("--threads", type=int, default=None,
@@ -158,6 +164,8 @@ def build_cases(args: argparse.Namespace) -> list[dict[str, Any]]:
     passes = parse_list(args.passes, "passes")
     if any(p not in PASSES for p in passes):
         raise UserError(f"--passes {args.passes!r}: each must be one of {', '.join(PASSES)}")
+    if args.position_embedding not in POSITION_TYPES:
+        raise UserError(f"--position_embedding {args.position_embedding!r} is not one of {', '.join(POSITION_TYPES)}")
     if args.dtype not in DTYPES:
         raise UserError(f"--dtype {args.dtype!r} is not one of {', '.join(DTYPES)}")
     for name in ("batch", "heads", "head_dim", "threads", "kv_heads", *OPTION_FLAGS):
@@ -187,6 +195,7 @@ def build_cases(args: argparse.Namespace) -> list[dict[str, Any]]:
                 cases.append({
                     "mechanism": mechanism, "seq_len": n, "pass": pass_name, "batch": args.batch, "heads": args.heads,
                     "kv_heads": kv_heads, "head_dim": args.head_dim, "causal": args.causal, "dtype": args.dtype,
+                    "position_embedding": args.position_embedding,
                     "device": device, "threads": threads, "min_run_time": args.min_run_time,
                     "memory_limit": memory_limit, "options": options,
                     "resolved_options": {k: v for k, v in resolved.items() if isinstance(v, (int, float, str, bool))},
@@ -197,16 +206,35 @@ def build_cases(args: argparse.Namespace) -> list[dict[str, Any]]:
 # --------------------------------------------------------------------------- one case (child process)
 
 
-def reference_sdpa(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True) -> Tensor:
-    """torch's scaled_dot_product_attention with the kernel signature; grouped K/V via enable_gqa."""
+def reference_sdpa(
+    q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, alibi_slopes: Tensor | None = None, rope: Any = None
+) -> Tensor:
+    """torch's scaled_dot_product_attention with the kernel signature; grouped K/V via enable_gqa.
+
+    RoPE rotates q and k first. ALiBi becomes a dense (heads, nq, nk) additive mask, the way SDPA
+    takes a bias, so SDPA then runs its masked path rather than its causal flash one. Queries are
+    end-aligned with the keys like every kernel's; SDPA's is_causal aligns them at the start, so
+    causal attention with nq < nk also goes through the mask.
+    """
+    if rope is not None:
+        q, k = rope.rotate_qk(q, k)
+    nq, nk = q.shape[2], k.shape[2]
+    mask = None
+    if alibi_slopes is not None:
+        positions = torch.arange(nk, device=q.device)
+        mask = alibi_bias(alibi_slopes.to(device=q.device, dtype=q.dtype), positions[nk - nq:], positions)
+    if causal and (mask is not None or nq != nk):
+        hidden = torch.ones(nq, nk, dtype=torch.bool, device=q.device).triu(nk - nq + 1)
+        mask = (q.new_zeros(nq, nk) if mask is None else mask).masked_fill(hidden, float("-inf"))
+        causal = False
     if k.shape[1] == q.shape[1]:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
     try:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
     except TypeError:  # torch < 2.5: repeat K/V heads
         repeat = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
-        return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
 
 
 def make_inputs(case: dict[str, Any], n: int) -> list[Tensor]:
@@ -222,18 +250,24 @@ def make_inputs(case: dict[str, Any], n: int) -> list[Tensor]:
     return tensors
 
 
-def make_step(attn: Callable[..., Tensor], inputs: list[Tensor], causal: bool, pass_name: str) -> Callable[[], Any]:
-    """One execution of the pass: forward under no_grad, or forward + grads of q, k, v for a fixed cotangent."""
+def make_step(
+    attn: Callable[..., Tensor], inputs: list[Tensor], causal: bool, pass_name: str, position: dict[str, Any] | None = None
+) -> Callable[[], Any]:
+    """One execution of the pass: forward under no_grad, or forward + grads of q, k, v for a fixed cotangent.
+
+    position: the kernel's position arguments, {"rope": ..., "alibi_slopes": ...} (none by default).
+    """
     q, k, v = inputs[:3]
+    position = position or {}
     if pass_name == "forward":
         def step() -> Any:
             with torch.no_grad():
-                return attn(q, k, v, causal=causal)
+                return attn(q, k, v, causal=causal, **position)
     else:
         grad_out = inputs[3]
 
         def step() -> Any:
-            out = attn(q, k, v, causal=causal)
+            out = attn(q, k, v, causal=causal, **position)
             return torch.autograd.grad(out, (q, k, v), grad_out)
     return step
 
@@ -245,11 +279,15 @@ def measure_case(case: dict[str, Any]) -> dict[str, Any]:
     from transformer_comparison.bench.memory import available_memory_bytes, limit_address_space, measure_peak
 
     torch.set_num_threads(case["threads"])
+    flush_subnormals()
     device = torch.device(case["device"])
     name = case["mechanism"]
     attn = reference_sdpa if name == REFERENCE else build_attention(name, **case["options"])
+    position = kernel_position_args(case["position_embedding"], case["heads"])
+    if position["alibi_slopes"] is not None:
+        position["alibi_slopes"] = position["alibi_slopes"].to(device)
     warm = make_inputs(case, min(case["seq_len"], 64))
-    warm_step = make_step(attn, warm, case["causal"], case["pass"])
+    warm_step = make_step(attn, warm, case["causal"], case["pass"], position)
     warm_step()
     measure_peak(warm_step, device, track=warm)  # also starts up the profiler once, outside the measurement
     del warm, warm_step
@@ -260,7 +298,7 @@ def measure_case(case: dict[str, Any]) -> dict[str, Any]:
             limit_address_space(int(extra * 0.9) if limit == "auto" else extra)
 
     inputs = make_inputs(case, case["seq_len"])
-    step = make_step(attn, inputs, case["causal"], case["pass"])
+    step = make_step(attn, inputs, case["causal"], case["pass"], position)
     peak = measure_peak(step, device, track=inputs)
     timer = benchmark.Timer(stmt="step()", globals={"step": step}, num_threads=case["threads"])
     measurement = timer.blocked_autorange(min_run_time=case["min_run_time"])
@@ -345,6 +383,7 @@ def make_row(case: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:
         "peak_memory_bytes": result.get("peak_memory_bytes"), "status": result["status"],
         "gflops_per_second": flops / (time_ms * 1e-3) / 1e9 if flops and time_ms else None,
         "peak_rss_delta_bytes": result.get("peak_rss_delta_bytes"), "memory_method": result.get("memory_method"),
+        "position_embedding": case["position_embedding"],
         **{key: case[key] for key in ("batch", "heads", "kv_heads", "head_dim", "causal", "dtype", "device", "threads")},
         "options": " ".join(f"{k}={v}" for k, v in case["resolved_options"].items()),
     }
@@ -490,7 +529,7 @@ def run(args: argparse.Namespace) -> int:
     first = cases[0]
     print(f"tcompare bench kernels: {len(cases)} cases on {first['device']} ({first['threads']} threads), "
           f"batch {first['batch']}, heads {first['heads']}, head_dim {first['head_dim']}, {first['dtype']}, "
-          f"{'causal' if first['causal'] else 'non-causal'}", file=sys.stderr)
+          f"{'causal' if first['causal'] else 'non-causal'}, position {first['position_embedding']}", file=sys.stderr)
     rows: list[dict[str, Any]] = []
     failed_at: dict[tuple[str, str], str] = {}
     for case in tqdm(cases, desc="bench kernels", unit="case", file=sys.stderr):
