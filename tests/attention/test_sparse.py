@@ -14,6 +14,7 @@ from tests.attention.checks import (
     saved_bytes,
 )
 from transformer_comparison.attention import build_attention
+from transformer_comparison.attention.sparse import select_top_k
 from transformer_comparison.position import Rotary, alibi_slopes
 
 
@@ -83,3 +84,15 @@ def test_no_queries_give_empty_results(nk):
     out, entropy = build_attention("sparse")(q, k, v, return_entropy=True)
     assert out.shape == (1, 4, 0, 8) and entropy.shape == (1, 4, 0)
     out.sum().backward()
+
+
+@pytest.mark.parametrize("ramp", [0.0, 0.5, -0.5])
+def test_select_top_k_finds_what_topk_finds(ramp):
+    """Nearest-first selection (fast on ALiBi's rising rows) keeps the same keys with the same scores."""
+    scores = torch.randn(3, 5, 40, generator=torch.Generator().manual_seed(0)) + ramp * torch.arange(40.0)
+    scores[1, :, 30:] = float("-inf")  # keys a causal chunk cannot see
+    best, index = select_top_k(scores, 7)
+    expected_best, expected_index = scores.topk(7, dim=-1)
+    torch.testing.assert_close(best, expected_best)
+    assert torch.equal(index.sort(-1).values, expected_index.sort(-1).values)
+    torch.testing.assert_close(scores.gather(-1, index), best)

@@ -78,7 +78,7 @@ class TopKAttention(AttentionKernel):
         """Grouped, pre-scaled queries (B, KV, G, c, D) over keys (B, KV, nk, D) -> (B, KV, G, c, D)."""
         with torch.no_grad():
             scores = bias_(grouped_matmul(q5, k.transpose(-1, -2)), q_positions, causal, slopes)  # (B, KV, G, c, nk)
-            best, index = scores.topk(min(self.top_k, k.shape[2]), dim=-1)  # -inf where fewer keys were visible
+            best, index = select_top_k(scores, min(self.top_k, k.shape[2]))  # -inf where fewer keys were visible
         kept = SelectedScores.apply(best, index, q5, k)
         probs = torch.softmax(kept, dim=-1)
         out = SparseProbsMatmul.apply(probs, index, v)
@@ -122,6 +122,17 @@ class SparseProbsMatmul(torch.autograd.Function):
         dense = scatter_dense(probs, index, v.shape[2]).flatten(2, 3)
         grad_v = dense.transpose(-1, -2) @ grad_out.flatten(2, 3)
         return grad_probs, None, grad_v
+
+
+def select_top_k(scores: Tensor, top_k: int) -> tuple[Tensor, Tensor]:
+    """The top_k scores along the last axis and their indices, scanning the keys nearest-first.
+
+    torch's CPU topk is ~8x slower on rows that rise along the axis, and ALiBi makes every row rise
+    towards the query (measured on (8, 256, 4096) rows, top 32: 25 ms random, 200 ms rising, 12 ms
+    falling), so the selection runs on the flipped rows. The selected set is the same.
+    """
+    best, flipped_index = scores.flip(-1).topk(top_k, dim=-1)
+    return best, scores.shape[-1] - 1 - flipped_index
 
 
 def scatter_dense(values: Tensor, index: Tensor, nk: int) -> Tensor:
