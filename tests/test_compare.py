@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.helpers import read_csv
 from transformer_comparison import compare
 from transformer_comparison.attention import ATTENTION_TYPES
 from transformer_comparison.cli import build_parser, main
@@ -57,8 +58,7 @@ def compare_args(config: Path, out: Path, *extra: str) -> list[str]:
 
 
 def read_rows(out: Path) -> list[dict[str, str]]:
-    with (out / "results.csv").open(newline="") as handle:
-        return list(csv.DictReader(handle))
+    return read_csv(out / "results.csv")[1]
 
 
 @pytest.fixture(scope="module")

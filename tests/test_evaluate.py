@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import shutil
@@ -12,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.helpers import run_cli, tiny_config
+from tests.helpers import read_csv, run_cli, tiny_config
 from transformer_comparison.attention import ATTENTION_TYPES
 from transformer_comparison.cli import main
 from transformer_comparison.config import load_config
@@ -44,15 +43,9 @@ def validation_tokens(run_dir: Path) -> np.ndarray:
     return prepare_data(cfg.data, cfg.model.vocab_size).val
 
 
-def read_rows(path: Path) -> tuple[list[str], list[dict]]:
-    with path.open(newline="") as handle:
-        reader = csv.DictReader(handle)
-        return list(reader.fieldnames or []), list(reader)
-
-
 def test_eval_writes_csv_plot_and_table(trained_run, capsys):
     assert main(["eval", "--run", str(trained_run), "--lengths", "16,32,64"]) == 0
-    columns, rows = read_rows(trained_run / "extrapolation.csv")
+    columns, rows = read_csv(trained_run / "extrapolation.csv")
     assert columns[:4] == ["eval_length", "stride", "val_loss", "val_perplexity"] and columns == CSV_COLUMNS
     assert [int(r["eval_length"]) for r in rows] == [16, 32, 64]
     n = len(validation_tokens(trained_run))

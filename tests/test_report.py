@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import re
@@ -10,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import read_csv
 from transformer_comparison import report
 from transformer_comparison.cli import main
 
@@ -95,8 +95,7 @@ def make_comparison(out: Path, seeds: int = 1, preset: str | None = None, fail: 
 
 
 def read_csv_rows(path: Path) -> list[dict[str, str]]:
-    with path.open(newline="") as handle:
-        return list(csv.DictReader(handle))
+    return read_csv(path)[1]
 
 
 def test_results_tables(tmp_path):

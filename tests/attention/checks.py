@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from tests.attention.conftest import make_qkv
 from tests.attention.reference import reference_attention
 from transformer_comparison.attention import AttentionKernel
 from transformer_comparison.position import Rotary, alibi_slopes
@@ -85,3 +86,40 @@ def saved_bytes(attn: AttentionKernel, n: int) -> int:
         attn(q, k, v)
     inputs = {t.untyped_storage().data_ptr() for t in (q, k, v)}
     return sum(size for pointer, size in storages.items() if pointer not in inputs)
+
+
+def saved_tensor_sizes(fn) -> list[int]:
+    """numel of every tensor autograd saves for backward while running fn()."""
+    sizes = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        sizes.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sizes
+
+
+def assert_bfloat16_gives_finite_outputs_and_gradients(attn: AttentionKernel, causal: bool) -> None:
+    """bf16 in, bf16 out; output, entropy and gradients finite, with ALiBi and RoPE both on."""
+    q, k, v = (t.detach().bfloat16().requires_grad_() for t in make_qkv(2, 4, 2, 37, head_dim=16))
+    out, entropy = attn(q, k, v, causal=causal, alibi_slopes=alibi_slopes(4), rope=Rotary(), return_entropy=True)
+    assert out.dtype == torch.bfloat16
+    assert torch.isfinite(out).all() and torch.isfinite(entropy).all()
+    grads = torch.autograd.grad(out.float().square().sum(), (q, k, v))
+    assert all(g.dtype == torch.bfloat16 and torch.isfinite(g).all() for g in grads)
+
+
+def assert_entropy_needs_no_gradient(attn: AttentionKernel) -> None:
+    q, k, v = make_qkv(1, 2, 2, 10)
+    _, entropy = attn(q, k, v, return_entropy=True)
+    assert not entropy.requires_grad
+
+
+def assert_no_queries_give_empty_results(attn: AttentionKernel, nk: int) -> None:
+    q = torch.randn(1, 4, 0, 8, requires_grad=True)
+    k, v = torch.randn(1, 2, nk, 8), torch.randn(1, 2, nk, 8)
+    out, entropy = attn(q, k, v, return_entropy=True)
+    assert out.shape == (1, 4, 0, 8) and entropy.shape == (1, 4, 0)
+    out.sum().backward()

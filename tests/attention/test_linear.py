@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -14,11 +16,7 @@ from tests.attention.reference import reference_attention
 from transformer_comparison.attention import build_attention, kernel_options
 from transformer_comparison.position import Rotary, alibi_slopes
 
-
-
-def assert_matches_reference(attn, q, k, v, *, causal, slopes=None, rope_base=None):
-    """Output, entropy and q/k/v gradients of `attn` equal the reference linear attention."""
-    checks.assert_matches_reference("linear", attn, q, k, v, causal=causal, slopes=slopes, rope_base=rope_base)
+assert_matches_reference = partial(checks.assert_matches_reference, "linear")  # output, entropy and q/k/v gradients
 
 
 @pytest.mark.parametrize("n", [1, 7, 13])
@@ -78,37 +76,18 @@ def test_more_chunks_than_one_prefix_block_matches_reference(alibi, slopes4):
     assert_matches_reference(attn, q, k, v, causal=True, slopes=slopes4 if alibi else None, rope_base=10000.0)
 
 
-def saved_tensor_sizes(fn) -> list[int]:
-    """numel of every tensor autograd saves for backward while running fn()."""
-    sizes = []
-
-    def pack(t):
-        sizes.append(t.numel())
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sizes
-
-
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
 def test_saves_no_n_by_n_tensor(causal):
     n = 128
     q, k, v = make_qkv(1, 2, 1, n, head_dim=4)
     call = {"causal": causal, "alibi_slopes": alibi_slopes(2, dtype=torch.float64), "rope": Rotary()}
-    sizes = saved_tensor_sizes(lambda: build_attention("linear", chunk_size=8)(q, k, v, **call))
+    sizes = checks.saved_tensor_sizes(lambda: build_attention("linear", chunk_size=8)(q, k, v, **call))
     assert max(sizes) < n * n
 
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
 def test_bfloat16_inputs_give_finite_outputs_and_gradients(causal):
-    q, k, v = (t.detach().bfloat16().requires_grad_() for t in make_qkv(2, 4, 2, 37, head_dim=16))
-    attn = build_attention("linear", chunk_size=8)
-    out, entropy = attn(q, k, v, causal=causal, alibi_slopes=alibi_slopes(4), rope=Rotary(), return_entropy=True)
-    assert out.dtype == torch.bfloat16
-    assert torch.isfinite(out).all() and torch.isfinite(entropy).all()
-    grads = torch.autograd.grad(out.float().square().sum(), (q, k, v))
-    assert all(g.dtype == torch.bfloat16 and torch.isfinite(g).all() for g in grads)
+    checks.assert_bfloat16_gives_finite_outputs_and_gradients(build_attention("linear", chunk_size=8), causal)
 
 
 def test_underflowing_features_stay_finite():
@@ -121,9 +100,7 @@ def test_underflowing_features_stay_finite():
 
 
 def test_entropy_needs_no_gradient():
-    q, k, v = make_qkv(1, 2, 2, 10)
-    _, entropy = build_attention("linear", chunk_size=4)(q, k, v, return_entropy=True)
-    assert not entropy.requires_grad
+    checks.assert_entropy_needs_no_gradient(build_attention("linear", chunk_size=4))
 
 
 def test_options_and_defaults():

@@ -3,22 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import csv
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import run_cli, tiny_config
+from tests.helpers import read_csv, run_cli, tiny_config
 from transformer_comparison.bench import decode
 from transformer_comparison.cli import main
 
 FAST = ["--new_tokens", "2", "--threads", "1"]
-
-
-def read_rows(path: Path) -> tuple[list[str], list[dict[str, str]]]:
-    with path.open(newline="") as f:
-        reader = csv.DictReader(f)
-        return list(reader.fieldnames or []), list(reader)
 
 
 @pytest.mark.slow
@@ -30,7 +23,7 @@ def test_tiny_run_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     out = tmp_path / "bench"
     rc = main(["bench", "decode", "--run", str(run_dir), "--contexts", "8,4,40", "--out", str(out), *FAST])
     assert rc == 0
-    columns, rows = read_rows(out / "decode.csv")
+    columns, rows = read_csv(out / "decode.csv")
     assert columns[:6] == ["mechanism", "position_embedding", "context_length", "ms_per_token", "cache_bytes", "status"]
     assert columns[6:8] == ["threads", "batch"]
     mechanisms = ["dot_product", "linear", "sparse", "local", "gqa", "flash"]
@@ -60,7 +53,7 @@ def test_a_timeout_is_recorded_and_later_contexts_skipped(tmp_path: Path) -> Non
     rc = main(["bench", "decode", "--config", str(config), "--mechanisms", "linear", "--contexts", "4,8",
                "--timeout", "0.01", "--out", str(out), *FAST])
     assert rc == 0
-    _, rows = read_rows(out / "decode.csv")
+    _, rows = read_csv(out / "decode.csv")
     assert [(r["context_length"], r["status"]) for r in rows] == [("4", "timeout"), ("8", "skipped (timeout at context 4)")]
     assert rows[0]["ms_per_token"] == "" and rows[0]["weights"] == "random"
 

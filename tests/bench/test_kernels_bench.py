@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import csv
 from pathlib import Path
 
 import pytest
 import torch
 
+from tests.helpers import read_csv
 from transformer_comparison.attention import build_attention
 from transformer_comparison.bench import kernels
 from transformer_comparison.bench.memory import measure_peak, memtracker_peak
@@ -18,18 +18,12 @@ from transformer_comparison.position import Rotary, alibi_slopes
 FAST = ["--min_run_time", "0.01", "--threads", "1"]
 
 
-def read_rows(path: Path) -> tuple[list[str], list[dict[str, str]]]:
-    with path.open(newline="") as f:
-        reader = csv.DictReader(f)
-        return list(reader.fieldnames or []), list(reader)
-
-
 @pytest.mark.slow
 def test_end_to_end_writes_csv_and_plots(tmp_path: Path) -> None:
     out = tmp_path / "bench"
     rc = main(["bench", "kernels", "--lengths", "32,64", "--mechanisms", "dot_product", "--out", str(out), *FAST])
     assert rc == 0
-    columns, rows = read_rows(out / "kernels.csv")
+    columns, rows = read_csv(out / "kernels.csv")
     assert columns[:6] == ["mechanism", "seq_len", "pass", "time_ms", "peak_memory_bytes", "status"]
     assert [(r["mechanism"], int(r["seq_len"]), r["pass"]) for r in rows] == [
         ("dot_product", 32, "forward"), ("dot_product", 64, "forward"),
@@ -42,7 +36,7 @@ def test_end_to_end_writes_csv_and_plots(tmp_path: Path) -> None:
         assert row["threads"] == "1" and row["kv_heads"] == "8" and row["device"] == "cpu"
     for name in ("kernels_time.png", "kernels_memory.png"):
         assert (out / name).stat().st_size > 0
-    columns, _ = read_rows(out / "kernels_crossover.csv")
+    columns, _ = read_csv(out / "kernels_crossover.csv")
     assert columns == ["mechanism", "pass", "metric", "crossover_seq_len"]
 
 
@@ -52,7 +46,7 @@ def test_position_embedding_reaches_every_case(tmp_path: Path) -> None:
     rc = main(["bench", "kernels", "--lengths", "48", "--mechanisms", "flash,local,torch_sdpa", "--passes",
                "forward_backward", "--position_embedding", "alibi", "--window", "16", "--out", str(out), *FAST])
     assert rc == 0
-    _, rows = read_rows(out / "kernels.csv")
+    _, rows = read_csv(out / "kernels.csv")
     assert [(r["mechanism"], r["status"], r["position_embedding"]) for r in rows] == [
         ("flash", "ok", "alibi"), ("local", "ok", "alibi"), ("torch_sdpa", "ok", "alibi")]
 
@@ -110,7 +104,7 @@ def test_timeout_is_recorded_not_raised(tmp_path: Path) -> None:
     rc = main(["bench", "kernels", "--lengths", "32,64", "--mechanisms", "dot_product", "--passes", "forward",
                "--timeout", "0.05", "--out", str(out)])
     assert rc == 0
-    _, rows = read_rows(out / "kernels.csv")
+    _, rows = read_csv(out / "kernels.csv")
     assert [r["status"] for r in rows] == ["timeout", "skipped (timeout at n=32)"]
     assert rows[0]["time_ms"] == "" and rows[0]["peak_memory_bytes"] == ""
 
