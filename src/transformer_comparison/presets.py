@@ -2,6 +2,13 @@
 
 A preset is applied on top of `--config` (and before the user's own `section.key=value`
 overrides, which win). Its `note` is stored in comparison.json and shown at the top of the report.
+Its `sweeps` are default `--sweep` axes: a user's --sweep or override of the same key replaces one
+(`--sweep training.learning_rate=1e-3`, or `training.learning_rate=1e-3`, trains that rate only).
+
+- quick: no sweep (its point is the whole grid within 10 minutes; a learning-rate sweep triples that).
+- nanogpt-cpu: `training.learning_rate=5e-4,1e-3,2e-3`, the recipe's 1e-3 and a factor of two either
+  side, so that each mechanism gets its own learning rate (efficient mechanisms train in a narrower
+  window than softmax attention; zoology sweeps four rates per cell and reports the best).
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ class Preset:
     note: str | None = None  # shown at the top of the report
     scale: str = "full"  # "smoke" for presets whose ranking is only indicative
     jobs: int | None = None  # runs at once when --jobs is not given (None: 1)
+    sweeps: tuple[str, ...] = ()  # default --sweep axes, "KEY=V1,V2,..."
 
 
 QUICK = Preset(
@@ -105,6 +113,7 @@ NANOGPT_CPU = Preset(
         "Preset `nanogpt-cpu`: nanoGPT's CPU recipe (4 layers, 4 heads, d_model 128, context 64, batch 12, "
         "2000 steps on character-level tiny Shakespeare) for every cell, evaluated on the whole validation split."
     ),
+    sweeps=("training.learning_rate=5e-4,1e-3,2e-3",),
 )
 
 PRESETS: dict[str, Preset] = {preset.name: preset for preset in (QUICK, NANOGPT_CPU)}

@@ -1,0 +1,144 @@
+"""--bench / --extrapolate: optional steps after training, recorded in DIR/extras.json (never fatal).
+
+--bench runs `tcompare bench kernels` at the trained models' head count and head size, for lengths
+of 1 to 16 context lengths, and `bench decode` on the first completed run, into DIR/bench/;
+--extrapolate runs `tcompare eval` at 1, 2, 4 and 8 context lengths for every completed run. A step
+that is not installed, or fails, is listed in the report; the comparison goes on.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from transformer_comparison.compare.cells import cell_action, last_line
+from transformer_comparison.compare.plan import Plan
+from transformer_comparison.config import Config, kernel_options_for, with_overrides
+
+EXTRAPOLATION_FACTORS = (1, 2, 4, 8)  # eval lengths, in multiples of the context length
+EVAL_TOKENS = 262_144  # windows per length so that the longest scores about this many tokens
+KERNEL_LENGTH_FACTORS = (1, 2, 4, 8, 16)  # kernel sequence lengths, in multiples of the context length
+
+
+def available(command: str, module: str) -> bool:
+    from transformer_comparison.cli import COMMANDS
+
+    if command not in COMMANDS:
+        return False
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+def bench_available(name: str) -> bool:
+    try:
+        from transformer_comparison.bench import BENCHMARKS
+    except ImportError:
+        return False
+    return name in BENCHMARKS and available("bench", BENCHMARKS[name][0])
+
+
+def kernel_option_arguments(cfg: Config, mechanisms: list[str]) -> list[str]:
+    """The grid's mechanism options that `bench kernels` takes as flags (the first mechanism's value wins)."""
+    try:
+        from transformer_comparison.bench.kernels import OPTION_FLAGS
+    except ImportError:
+        return []
+    chosen: dict[str, Any] = {}
+    for mechanism in mechanisms:
+        options = kernel_options_for(with_overrides(cfg, [f"attention.type={mechanism}"]))
+        for name, value in options.items():
+            if name in OPTION_FLAGS and value is not None:
+                chosen.setdefault(name, value)
+    return [part for name, value in chosen.items() for part in (f"--{name}", str(value))]
+
+
+def kernel_bench_arguments(plan: Plan, out_dir: Path) -> list[str]:
+    cfg = plan.config
+    lengths = ",".join(str(cfg.model.context_length * factor) for factor in KERNEL_LENGTH_FACTORS)
+    device = "auto" if cfg.training.device == "auto" else cfg.training.device.split(":")[0]
+    return ["--out", str(out_dir), "--lengths", lengths, "--heads", str(cfg.model.num_heads),
+            "--head_dim", str(cfg.model.d_model // cfg.model.num_heads), "--device", device,
+            "--mechanisms", ",".join(plan.attention_types), *kernel_option_arguments(cfg, plan.attention_types)]
+
+
+def eval_arguments(cfg: Config) -> list[str]:
+    """`eval` at 1, 2, 4 and 8 times the context length, at most ~256k scored tokens per length."""
+    lengths = [cfg.model.context_length * factor for factor in EXTRAPOLATION_FACTORS]
+    return ["--lengths", ",".join(map(str, lengths)), "--max_windows", str(max(1, EVAL_TOKENS // max(lengths)))]
+
+
+def run_extra(out: Path, name: str, command: list[str], log_path: Path) -> dict[str, Any]:
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    print(f"{name}: running ({log_path})", flush=True)
+    started = time.perf_counter()
+    with log_path.open("a", encoding="utf-8") as log:
+        log.write(f"# tcompare compare: {shlex.join(command)}\n")
+        log.flush()
+        offset = log.tell()
+        returncode = subprocess.run(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                    env=dict(os.environ, PYTHONUNBUFFERED="1"), check=False).returncode
+    wall = round(time.perf_counter() - started, 3)
+    status = "completed" if returncode == 0 else "failed"
+    error = None if returncode == 0 else f"exit {returncode}: {last_line(log_path, offset) or 'no output'}"
+    print(f"{name}: {status}" + (f" ({error})" if error else f" in {wall:.0f} s"), flush=True)
+    return {"name": name, "status": status, "error": error, "command": shlex.join(command),
+            "log": str(log_path.relative_to(out)), "wall_seconds": wall}
+
+
+def _existing(name: str, log: str, what: str) -> dict[str, Any]:
+    return {"name": name, "status": "completed", "error": None, "command": None, "log": log, "note": f"{what} existed; not rerun"}
+
+
+def _unavailable(name: str, why: str) -> dict[str, Any]:
+    print(f"{name}: skipped ({why})", flush=True)
+    return {"name": name, "status": "unavailable", "error": why, "command": None, "log": None}
+
+
+def bench_steps(plan: Plan, completed: list[Path]) -> list[dict[str, Any]]:
+    out, python = plan.out, [sys.executable, "-m", "transformer_comparison"]
+    bench_dir = out / "bench"
+    records = []
+    if not bench_available("kernels"):
+        records.append(_unavailable("bench kernels", "`tcompare bench kernels` is not available in this installation"))
+    elif (bench_dir / "kernels.csv").is_file():
+        records.append(_existing("bench kernels", "bench/kernels.log", "kernels.csv"))
+    else:
+        command = python + ["bench", "kernels", *kernel_bench_arguments(plan, bench_dir)]
+        records.append(run_extra(out, "bench kernels", command, bench_dir / "kernels.log"))
+    if not bench_available("decode"):
+        records.append(_unavailable("bench decode", "`tcompare bench decode` is not available in this installation"))
+    elif not completed:
+        records.append(_unavailable("bench decode", "no completed run to benchmark"))
+    elif (bench_dir / "decode.csv").is_file():
+        records.append(_existing("bench decode", "bench/decode.log", "decode.csv"))
+    else:
+        command = python + ["bench", "decode", "--run", str(completed[0]), "--out", str(bench_dir)]
+        records.append(run_extra(out, "bench decode", command, bench_dir / "decode.log"))
+    return records
+
+
+def eval_steps(plan: Plan, completed: list[Path]) -> list[dict[str, Any]]:
+    if not available("eval", "transformer_comparison.evaluate"):
+        return [_unavailable("eval (extrapolation)", "`tcompare eval` is not available in this installation")]
+    records, lengths = [], eval_arguments(plan.config)
+    for run_dir in completed:
+        name = f"eval {run_dir.name}"
+        if (run_dir / "extrapolation.csv").is_file():
+            records.append(_existing(name, f"runs/{run_dir.name}/eval.log", "extrapolation.csv"))
+        else:
+            command = [sys.executable, "-m", "transformer_comparison", "eval", "--run", str(run_dir), *lengths]
+            records.append(run_extra(plan.out, name, command, run_dir / "eval.log"))
+    return records
+
+
+def run_extras(plan: Plan, bench: bool, extrapolate: bool) -> list[dict[str, Any]]:
+    completed = [plan.run_dir(cell) for cell in plan.cells if cell_action(plan.run_dir(cell)) == "skip"]
+    return (bench_steps(plan, completed) if bench else []) + (eval_steps(plan, completed) if extrapolate else [])
