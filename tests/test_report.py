@@ -1,4 +1,5 @@
-"""report.py on synthetic comparison directories (no training): results tables, report.md/html, `tcompare report`."""
+"""The report on synthetic comparison directories (no training): results tables, the ranking and its
+statistics, the learning-rate choice, the scaling section, report.md/html, `tcompare report`."""
 
 from __future__ import annotations
 
@@ -9,149 +10,160 @@ from pathlib import Path
 
 import pytest
 
+from tests.comparison_fixtures import NON_EMBEDDING, VOCAB, D_MODEL, make_comparison
 from tests.helpers import read_csv
 from transformer_comparison import report
+from transformer_comparison.artifacts.comparison import SkippedCell
 from transformer_comparison.cli import main
 
 ATTENTION = ["dot_product", "gqa"]
 POSITION = ["rope", "alibi"]
+T_975 = {1: 12.706, 2: 4.303}  # Student's t, 97.5% quantile, from the printed tables (degrees of freedom -> t)
 
 
-def write_run(out: Path, attention: str, position: str, seed: int, status: str = "completed", loss: float = 2.0,
-              error: str | None = None, kv_heads: int = 4, extrapolation: bool = False) -> None:
-    name = f"{attention}-{position}-seed{seed}"
-    run = out / "runs" / name
-    run.mkdir(parents=True)
-    layers, heads = 2, 4
-    entropy = [[1.0 + 0.1 * layer + 0.05 * head + 0.01 * seed for head in range(heads)] for layer in range(layers)]
-    params = 100_000 if kv_heads == 4 else 92_000
-    if status in ("completed", "diverged"):
-        summary = {
-            "status": status, "error": error, "attention_type": attention, "position_embedding": position, "seed": seed,
-            "final_val_loss": loss, "final_val_perplexity": math.exp(loss), "best_val_loss": loss - 0.01,
-            "tokens_per_second": 5000.0 + 100 * seed, "step_time_ms": 30.0, "peak_memory_bytes": 8 * 2**20 + seed,
-            "peak_memory_method": "MemTracker", "train_time_seconds": 12.5, "attention_entropy": entropy,
-            "mean_attention_entropy": sum(map(sum, entropy)) / (layers * heads), "num_parameters": params,
-            "num_kv_heads": kv_heads, "flops_per_token": 600_000, "world_size": 1, "steps": 100, "tokens_seen": 204800,
-            "device": "cpu", "torch_version": "2.x", "dataset": {"dataset": "tiny", "sha256": "abc", "vocab_size": 27},
-        }
-        (run / "summary.json").write_text(json.dumps(summary))
-        records = []
-        for step in (50, 100):
-            records.append({"step": step, "elapsed_seconds": step * 0.1, "train_loss": loss + 1, "lr": 1e-3})
-            records.append({"step": step, "elapsed_seconds": step * 0.1, "val_loss": loss + (100 - step) / 100,
-                            "val_perplexity": math.exp(loss), "attention_entropy": entropy})
-        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records) + '{"step": 1')  # a cut-off line
-    record = {"name": name, "status": "completed" if status == "completed" else "failed", "error": error,
-              "returncode": 0 if status == "completed" else 1, "action": "fresh", "wall_seconds": 15.0,
-              "total_wall_seconds": 15.0, "attempts": 1}
-    (run / "cell.json").write_text(json.dumps(record))
-    if extrapolation:
-        lines = ["eval_length,stride,val_loss,val_perplexity"]
-        for n in (64, 128, 256):
-            lines.append(f"{n},{n},{loss + n / 256},{math.exp(loss + n / 256)}")
-        (run / "extrapolation.csv").write_text("\n".join(lines) + "\n")
-
-
-def make_comparison(out: Path, seeds: int = 1, preset: str | None = None, fail: bool = True, extras: bool = False) -> None:
-    out.mkdir(parents=True)
-    cells = [{"name": f"{a}-{p}-seed{s}", "attention_type": a, "position_embedding": p, "seed": s}
-             for a in ATTENTION for p in POSITION for s in range(1, seeds + 1)]
-    comparison = {
-        "format": 1, "name": "synthetic", "preset": preset, "scale": "smoke" if preset == "quick" else "full",
-        "note": "Smoke-scale comparison (preset `quick`)." if preset == "quick" else None,
-        "config_hash": "0" * 64, "cells": cells,
-        "grid": {"attention_types": ATTENTION, "position_embeddings": POSITION, "seeds": seeds, "base_seed": 1},
-        "config": {"model": {"num_layers": 2, "num_heads": 4, "d_model": 64, "context_length": 64},
-                   "training": {"max_steps": 100, "batch_size": 8}, "data": {"dataset": "tiny", "tokenizer": "char"}},
-        "command": "tcompare compare ...", "environment": {"python": "3", "platform": "test", "cpu_count": 2},
-    }
-    (out / "comparison.json").write_text(json.dumps(comparison))
-    (out / "comparison_config.yaml").write_text("model:\n  d_model: 64\n")
-    for cell in cells:
-        a, p, s = cell["attention_type"], cell["position_embedding"], cell["seed"]
-        if fail and (a, p, s) == ("gqa", "alibi", 1):
-            write_run(out, a, p, s, status="diverged", loss=float("nan"), error="training diverged: loss is nan at step 7", kv_heads=2)
-        else:
-            loss = 2.0 + 0.1 * ATTENTION.index(a) + 0.05 * POSITION.index(p) + 0.01 * s
-            write_run(out, a, p, s, loss=loss, kv_heads=2 if a == "gqa" else 4, extrapolation=extras)
-    if extras:
-        bench = out / "bench"
-        bench.mkdir()
-        rows = ["mechanism,seq_len,pass,time_ms,peak_memory_bytes,status,threads"]
-        for a in ATTENTION:
-            for n in (128, 256, 512):
-                for p in ("forward", "forward_backward"):
-                    rows.append(f"{a},{n},{p},{n * n / 1e4},{n * n * 16},ok,2")
-        rows.append("dot_product,1024,forward,,,oom,2")
-        (bench / "kernels.csv").write_text("\n".join(rows) + "\n")
-        rows = ["attention_type,context_length,ms_per_token,cache_bytes"]
-        for a in ATTENTION:
-            for n in (64, 128, 256):
-                rows.append(f"{a},{n},{0.1 + n / 1000},{n * 1024}")
-        (bench / "decode.csv").write_text("\n".join(rows) + "\n")
-        (out / "extras.json").write_text(json.dumps([{"name": "bench kernels", "status": "completed", "error": None, "log": "bench/kernels.log"},
-                                                     {"name": "bench decode", "status": "unavailable", "error": "not installed", "log": None}]))
-
-
-def read_csv_rows(path: Path) -> list[dict[str, str]]:
+def rows_of(path: Path) -> list[dict[str, str]]:
     return read_csv(path)[1]
+
+
+def section(md: str, title: str) -> str:
+    return md.split(f"## {title}")[1].split("\n## ")[0]
+
+
+def table_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith("| ")]
 
 
 def test_results_tables(tmp_path):
     out = tmp_path / "cmp"
-    make_comparison(out, seeds=2)
-    rows = report.write_results(out)
-    assert len(rows) == 8
-    table = read_csv_rows(out / "results.csv")
-    assert list(table[0])[:3] == ["attention_type", "position_embedding", "seed"]
-    for column in report.SUMMARY_COLUMNS:
-        assert column in table[0]
+    make_comparison(out, ATTENTION, POSITION, seeds=2, failed=("gqa-alibi-seed1",))
+    report.write_results(out)
+    columns, table = read_csv(out / "results.csv")
+    assert columns[:3] == ["attention_type", "position_embedding", "seed"]
+    for column in ("final_val_loss", "tokens_per_second", "num_parameters", "mean_attention_entropy", "status", "error",
+                   "embedding_parameters", "non_embedding_parameters", "training_flops", "tokens_seen", "wall_seconds", "run"):
+        assert column in columns, column
     failed = [r for r in table if r["status"] == "failed"]
     assert [(r["attention_type"], r["position_embedding"], r["seed"]) for r in failed] == [("gqa", "alibi", "1")]
     assert "diverged" in failed[0]["error"]
+    first = table[0]
+    assert int(first["embedding_parameters"]) == VOCAB * D_MODEL and int(first["non_embedding_parameters"]) == NON_EMBEDDING
+    assert float(first["training_flops"]) == 6.0 * NON_EMBEDDING * int(first["tokens_seen"])
     data = json.loads((out / "results.json").read_text(), parse_constant=lambda name: pytest.fail(f"{name} in results.json"))
-    assert data[0]["attention_type"] == "dot_product"
     assert [r["final_val_loss"] for r in data if (r["attention_type"], r["position_embedding"], r["seed"]) == ("gqa", "alibi", 1)] == [None]
-    agg = {(r["attention_type"], r["position_embedding"]): r for r in read_csv_rows(out / "aggregate.csv")}
+    agg = {(r["attention_type"], r["position_embedding"]): r for r in rows_of(out / "aggregate.csv")}
     cell = agg[("dot_product", "rope")]
     assert cell["completed"] == "2"
     assert float(cell["final_val_loss_mean"]) == pytest.approx(2.015)
-    assert float(cell["final_val_loss_std"]) == pytest.approx(0.00707, rel=1e-2)
+    std = 0.01 / math.sqrt(2)
+    assert float(cell["final_val_loss_std"]) == pytest.approx(std)
+    half = T_975[1] * std / math.sqrt(2)
+    assert float(cell["final_val_loss_ci_low"]) == pytest.approx(2.015 - half, rel=1e-4)
+    assert float(cell["final_val_loss_ci_high"]) == pytest.approx(2.015 + half, rel=1e-4)
     assert agg[("gqa", "alibi")]["completed"] == "1" and agg[("gqa", "alibi")]["failed"] == "1"
+    assert agg[("gqa", "alibi")]["final_val_loss_ci_low"] == ""  # one completed seed: no interval
 
 
 def test_report_contents(tmp_path):
     out = tmp_path / "cmp"
-    make_comparison(out, seeds=2, preset="quick", extras=True)
+    make_comparison(out, [*ATTENTION, "retention"], POSITION, seeds=2, preset="quick", extras=True, no_entropy=("retention",),
+                    failed=("gqa-alibi-seed1",), parameters=lambda c: int(NON_EMBEDDING * (0.85 if c.attention_type == "gqa" else 1)),
+                    skipped=[SkippedCell(attention_type="retention", position_embedding="alibi", reason="decay already encodes distance")])
     md_path, html_path = report.build_report(out)
     md, page = md_path.read_text(), html_path.read_text()
     assert "smoke" in md.lower() and "smoke" in page.lower()
-    # the ranking: sorted by loss, mean ± std, best marked, units in the headers
-    ranking = md.split("## Ranking by validation loss")[1].split("##")[0]
-    lines = [line for line in ranking.splitlines() if line.startswith("| ")]
-    assert "val loss (nats/token)" in lines[0] and "peak memory (MiB)" in lines[0] and "tokens/s" in lines[0]
-    assert lines[1].startswith("| 1 | dot_product | rope | **2.0150 ± 0.0071**")
-    assert "†" in ranking  # gqa has fewer parameters
-    assert "Parameter counts differ" in md
-    # failed run with its error
-    assert "training diverged: loss is nan at step 7" in md
-    # plots: files for the md, embedded base64 PNGs in the html, nothing external
+    assert "Tokens-matched: 100 optimizer steps" in md
+    ranking = section(md, "Ranking by validation loss")
+    lines = table_lines(ranking)
+    assert "val loss (nats/token)" in lines[0] and "peak memory (MiB)" in lines[0] and "95% interval" in lines[0]
+    assert lines[1].startswith("| 1 | dot_product | rope | **2.0150 ± 0.0071** |")
+    # gqa is 15% smaller than dot_product: flagged; the mechanism without attention entropy says n/a
+    gqa = next(line for line in lines if "| gqa | rope |" in line)
+    assert "85,000 †" in gqa
+    assert "more than 10% from dot_product's" in ranking and "gqa + rope -15.0%" in ranking
+    retention = next(line for line in lines if "| retention | rope |" in line)
+    assert "| n/a |" in retention
+    assert "training diverged: loss is nan at step 7" in section(md, "Runs that did not complete")
+    assert "decay already encodes distance" in section(md, "Cells not trained")
     for name in ("val_loss", "throughput_memory", "attention_entropy", "entropy_over_training", "bench_kernels", "bench_decode", "extrapolation"):
         assert (out / "plots" / f"{name}.png").is_file(), name
         assert f"plots/{name}.png" in md
     images = re.findall(r'<img [^>]*src="([^"]+)"', page)
     assert len(images) == 7 and all(src.startswith("data:image/png;base64,") for src in images)
     assert not re.search(r'(src|href)="(?!data:)', page)
-    assert "<td class=\"best\">" in page
-    assert "not installed" in md  # the extras' status
-    assert "Length extrapolation" in md and "ppl @ 256" in md
-    assert "not measured: 1 oom" in md
+    assert '<td class="best">' in page and "<script" not in page
+    assert "not installed" in md and "ppl @ 256" in md and "not measured: 1 oom" in md
 
 
-def test_report_command_rebuilds(tmp_path, capsys):
+def test_html_escapes_what_runs_wrote(tmp_path):
     out = tmp_path / "cmp"
-    make_comparison(out)
+    make_comparison(out, ATTENTION, POSITION, failed=("gqa-alibi-seed1",))
+    record = json.loads((out / "runs" / "gqa-alibi-seed1" / "cell.json").read_text())
+    record["error"] = "<script>alert(1)</script> broke"
+    (out / "runs" / "gqa-alibi-seed1" / "cell.json").write_text(json.dumps(record))
+    _, html_path = report.build_report(out)
+    page = html_path.read_text()
+    assert "<script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt; broke" in page
+
+
+def lr_loss(cell) -> float:
+    """dot_product is best at 1e-3, linear at 4e-3 (a narrower, higher window)."""
+    lr = cell.sweep["training.learning_rate"]
+    best = {"dot_product": 1e-3, "linear": 4e-3}[cell.attention_type]
+    base = {"dot_product": 2.0, "linear": 2.05}[cell.attention_type]
+    return base + 0.2 * abs(math.log2(lr / best)) + 0.004 * cell.seed
+
+
+def test_learning_rate_chosen_per_cell(tmp_path):
+    out = tmp_path / "cmp"
+    make_comparison(out, ["dot_product", "linear"], ["rope"], seeds=3, sweep={"training.learning_rate": [1e-3, 2e-3, 4e-3]}, loss=lr_loss)
+    report.write_results(out)
+    columns, rows = read_csv(out / "results.csv")
+    assert columns[:4] == ["attention_type", "position_embedding", "seed", "training.learning_rate"]
+    assert {r["training.learning_rate"] for r in rows} == {"0.001", "0.002", "0.004"}
+    md = report.build_report(out)[0].read_text()
+    lines = table_lines(section(md, "Ranking by validation loss"))
+    assert lines[0].split(" | ")[3] == "learning rate"
+    assert lines[1].startswith("| 1 | dot_product | rope | 0.001 | **2.0080 ± 0.0040** |")
+    assert lines[2].startswith("| 2 | linear | rope | 0.004 | 2.0580 ± 0.0040 |")
+    # 3 seeds: the interval is mean +- t(2) * std / sqrt(3); the two cells' intervals do not overlap
+    half = T_975[2] * 0.004 / math.sqrt(3)
+    assert f"{2.008 - half:.4f} – {2.008 + half:.4f}" in lines[1]
+    assert lines[1].split(" | ")[6] == "A" and lines[2].split(" | ")[6] == "B"
+    assert "own best learning rate" in md
+    assert len(table_lines(section(md, "Every swept setting"))) == 1 + 6
+    assert (out / "plots" / "learning_rate.png").is_file()
+
+
+def test_overlapping_intervals_are_grouped(tmp_path):
+    out = tmp_path / "cmp"
+    spread = {1: 0.0, 2: 0.05, 3: -0.05}
+    make_comparison(out, ["dot_product", "gqa", "local"], ["rope"], seeds=3,
+                    loss=lambda c: {"dot_product": 2.0, "gqa": 2.01, "local": 2.5}[c.attention_type] + spread[c.seed])
+    md = report.build_report(out)[0].read_text()
+    ranking = section(md, "Ranking by validation loss")
+    groups = [line.split(" | ")[5] for line in table_lines(ranking)[1:]]
+    assert groups == ["A", "A", "B"]
+    assert "Not distinguishable at these seeds: dot_product + rope = gqa + rope." in ranking
+
+
+def test_scaling_section_when_a_size_is_swept(tmp_path):
+    out = tmp_path / "cmp"
+    widths = [32, 64, 128]
+    make_comparison(out, ["dot_product", "linear"], ["rope"], sweep={"model.d_model": widths},
+                    parameters=lambda c: 1000 * c.sweep["model.d_model"] ** 2 // 64,
+                    loss=lambda c: 3.0 - 0.3 * widths.index(c.sweep["model.d_model"]) + (0.1 if c.attention_type == "linear" else 0))
+    md = report.build_report(out)[0].read_text()
+    scaling = section(md, "Scaling: loss against training compute")
+    lines = table_lines(scaling)
+    assert lines[0] == "| attention | position | d_model=32 | d_model=64 | d_model=128 |"
+    assert lines[1] == "| dot_product | rope | 3.0000 @ 1.97e+10 | 2.7000 @ 7.86e+10 | 2.4000 @ 3.15e+11 |"
+    assert (out / "plots" / "scaling.png").is_file()
+    assert "learning_rate.png" not in md  # nothing to choose: no learning-rate section
+
+
+def test_report_command_rebuilds(tmp_path):
+    out = tmp_path / "cmp"
+    make_comparison(out, ATTENTION, POSITION)
     assert main(["report", str(out)]) == 0
     first = (out / "report.md").read_text()
     (out / "report.md").unlink()
@@ -163,14 +175,31 @@ def test_report_command_rebuilds(tmp_path, capsys):
 
 def test_report_partial_and_pending(tmp_path):
     out = tmp_path / "cmp"
-    make_comparison(out, fail=False)
+    make_comparison(out, ATTENTION, POSITION)
     for name in ("gqa-rope-seed1", "gqa-alibi-seed1"):
         for path in (out / "runs" / name).iterdir():
             path.unlink()
-    md_path, _ = report.build_report(out)
-    md = md_path.read_text()
+    md = report.build_report(out)[0].read_text()
     assert "2 completed, 2 pending" in md
     assert "not run yet" in md
+
+
+def test_directory_written_before_the_accounting(tmp_path):
+    """A format-1 comparison.json (no sweep, no per-cell accounting) still reports."""
+    out = tmp_path / "cmp"
+    make_comparison(out, ATTENTION, POSITION)
+    data = json.loads((out / "comparison.json").read_text())
+    data["format"] = 1
+    data["grid"] = {k: data["grid"][k] for k in ("attention_types", "position_embeddings", "seeds", "base_seed")}
+    data["cells"] = [{k: c[k] for k in ("name", "attention_type", "position_embedding", "seed")} for c in data["cells"]]
+    for key in ("skipped", "budget", "executor"):
+        data.pop(key)
+    (out / "comparison.json").write_text(json.dumps(data))
+    assert main(["report", str(out)]) == 0
+    row = rows_of(out / "results.csv")[0]
+    assert int(row["embedding_parameters"]) == VOCAB * D_MODEL and int(row["non_embedding_parameters"]) == NON_EMBEDDING
+    assert row["training_flops"] == ""
+    assert "Ranking by validation loss" in (out / "report.md").read_text()
 
 
 def test_report_of_a_directory_without_comparison(tmp_path, capsys):
