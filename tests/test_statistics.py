@@ -21,7 +21,7 @@ def test_interval_is_the_t_interval(values):
     half = T_975[n - 1] * std / math.sqrt(n)
     e = estimate(values)
     assert (e.n, e.mean, e.std) == (n, pytest.approx(mean), pytest.approx(std))
-    assert (e.low + e.high) / 2 == pytest.approx(mean) and (e.high - e.low) / 2 == pytest.approx(half, rel=1e-4)
+    assert (e.low + e.high) / 2 == pytest.approx(mean) and (e.high - e.low) / 2 == pytest.approx(half, rel=5e-4)  # the table rounds t to 3 decimals
 
 
 def test_estimate_edge_cases():
