@@ -154,3 +154,93 @@ def assert_decoding_matches_full(
         start += size
         assert cache.position == start
         assert cache.nbytes == 2 * heads * dim * dim * q.element_size()
+
+
+def assert_chunk_size_invariant(mechanism: str, chunk_sizes: tuple[int, ...], n: int = 45, **options) -> None:
+    """Every chunk size gives the same outputs (float64), with grouped kv heads, ALiBi and RoPE."""
+    from transformer_comparison.attention import build_attention
+
+    q, k, v = make_qkv(1, 4, 2, n, seed=7)
+    extras = random_extras(mechanism, 1, 4, n, 8, seed=7)
+    call = {"alibi_slopes": alibi_slopes(4, dtype=q.dtype), "rope": Rotary(), **extras}
+    outs = [build_attention(mechanism, chunk_size=c, **options)(q, k, v, **call) for c in chunk_sizes]
+    for chunk, out in zip(chunk_sizes[1:], outs[1:]):
+        torch.testing.assert_close(out, outs[0], **TIGHT, msg=lambda m, chunk=chunk: f"chunk_size={chunk}: {m}")
+
+
+def assert_long_sequence_matches_naive(mechanism: str, attn: AttentionKernel, extras: dict[str, Tensor],
+                                       slopes: Tensor | None = None, n: int = 8192) -> None:
+    """float32 over n = 8192 tokens (strong decays): finite outputs and gradients, equal to the float64
+    recurrence (to 1e-4 of the outputs' scale). Pass attn with output_norm=False: the normalisation
+    would amplify rounding wherever an output is near zero, which says nothing about stability."""
+    q, k, v = (t.detach().float().requires_grad_() for t in make_qkv(1, 2, 1, n, seed=3))
+    extras32 = {key: t.detach().float().requires_grad_() for key, t in extras.items()}
+    out = attn(q, k, v, alibi_slopes=None if slopes is None else slopes.float(), rope=Rotary(), **extras32)
+    assert torch.isfinite(out).all()
+    grads = torch.autograd.grad(out.square().sum(), (q, k, v, *extras32.values()))
+    assert all(torch.isfinite(g).all() for g in grads)
+    with torch.no_grad():
+        ref = reference_from_extras(mechanism, *(t.double() for t in (q, k, v)),
+                                    {key: t.double() for key, t in extras32.items()},
+                                    alibi_slopes=None if slopes is None else slopes.double(), rope_base=10000.0,
+                                    output_norm=attn.output_norm)
+    scale = float(ref.abs().max())
+    torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-4 * scale)
+
+
+def assert_bfloat16_finite(attn: AttentionKernel, mechanism: str) -> None:
+    """bf16 in (extras too), bf16 out; outputs and gradients finite, with ALiBi and RoPE both on."""
+    q, k, v = (t.detach().bfloat16().requires_grad_() for t in make_qkv(2, 4, 2, 37, head_dim=16))
+    extras = {key: t.detach().bfloat16() for key, t in random_extras(mechanism, 2, 4, 37, 16).items()}
+    out = attn(q, k, v, alibi_slopes=alibi_slopes(4), rope=Rotary(), **extras)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    grads = torch.autograd.grad(out.float().square().sum(), (q, k, v))
+    assert all(g.dtype == torch.bfloat16 and torch.isfinite(g).all() for g in grads)
+    cache = attn.new_cache()
+    step = attn.decode(q[:, :, :1], k[:, :, :1], v[:, :, :1], cache, alibi_slopes=alibi_slopes(4), rope=Rotary(),
+                       **{key: t[:, :, :1] for key, t in extras.items()})
+    assert step.dtype == torch.bfloat16 and torch.isfinite(step).all()
+
+
+def assert_saves_linear_memory(attn: AttentionKernel, mechanism: str) -> None:
+    """No saved tensor is n x n, and what autograd keeps grows linearly with n (chunk_size 16)."""
+    from tests.attention.checks import saved_tensor_sizes
+
+    saved = {}
+    for n in (256, 512):
+        q, k, v = make_qkv(1, 2, 1, n, head_dim=8)
+        extras = random_extras(mechanism, 1, 2, n, 8)
+        call = {"alibi_slopes": alibi_slopes(2, dtype=q.dtype), "rope": Rotary(), **extras}
+        saved[n] = saved_tensor_sizes(lambda: attn(q, k, v, **call))
+        assert max(saved[n]) < n * n / 4
+    assert sum(saved[512]) < 2.2 * sum(saved[256])
+
+
+def assert_empty_inputs_give_empty_outputs(attn: AttentionKernel, mechanism: str) -> None:
+    """No queries (and no keys at all) give (B, H, 0, d) outputs that backward accepts."""
+    for nk in (0, 5):
+        q = torch.randn(1, 4, 0, 8, requires_grad=True)
+        k, v = torch.randn(1, 2, nk, 8), torch.randn(1, 2, nk, 8)
+        extras = {key: t.detach().float() for key, t in random_extras(mechanism, 1, 4, nk, 8).items()}
+        out, entropy = attn(q, k, v, return_entropy=True, **extras)
+        assert out.shape == (1, 4, 0, 8) and entropy is None
+        out.sum().backward()
+
+
+def load_fla_naive(relative_path: str):
+    """A flash-linear-attention pure-torch reference file (fla/ops/...), loaded on its own: importing
+    fla itself needs Triton. pytest.skip when fla-core (or its einops) is not installed."""
+    import importlib.util
+    import pathlib
+
+    import pytest
+
+    pytest.importorskip("einops")
+    spec = importlib.util.find_spec("fla")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("fla-core is not installed (pip install --no-deps fla-core)")
+    path = pathlib.Path(spec.submodule_search_locations[0]) / "ops" / relative_path
+    module_spec = importlib.util.spec_from_file_location(f"fla_naive_{path.parent.name}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module

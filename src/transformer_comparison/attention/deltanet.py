@@ -31,20 +31,125 @@ attention distribution, so the entropy is None (`has_entropy = False`).
 from typing import Annotated
 
 import torch
+import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from transformer_comparison.attention.recurrent import (
     RecurrentKernel,
     alibi_log_decay,
     check_common_options,
     check_extras,
+    causal_decay_mask,
     chunk_counts,
-    chunked_delta_rule,
-    delta_step,
+    cumulative_log_decay,
+    decay_factor,
+    from_chunks,
     l2_normalize,
+    to_chunks,
 )
 from transformer_comparison.attention.registry import register_attention
+
+INVERSE_BLOCK = 16  # rows inverted by forward substitution at once in `_UnitLowerInverse`
+
+
+def invert_unit_lower(lower: Tensor) -> Tensor:
+    """(I + L)^-1 for strictly lower triangular L (..., C, C), without autograd: blocked forward substitution.
+
+    The diagonal blocks of 16 are inverted row by row (T_i,<i = -L_i,<i T_<i,<i), batched over every
+    block; block row r then follows from the rows above, T_r,<r = -T_rr (L_r,<r T_<r,<r).
+    """
+    size = lower.shape[-1]
+    block = min(INVERSE_BLOCK, size)
+    pad = -size % block
+    if pad:  # identity rows and columns: the inverse of diag(I + L, I) is diag(T, I)
+        lower = F.pad(lower, (0, pad, 0, pad))
+    blocks = (size + pad) // block
+    diagonal = lower.unflatten(-2, (blocks, block)).unflatten(-1, (blocks, block)).diagonal(dim1=-4, dim2=-2)
+    diagonal = diagonal.movedim(-1, -3)  # (..., blocks, block, block)
+    inverse = torch.eye(block, dtype=lower.dtype, device=lower.device).expand_as(diagonal).clone()
+    for i in range(1, block):
+        inverse[..., i, :i] = -(diagonal[..., i, None, :i] @ inverse[..., :i, :i]).squeeze(-2)
+    full = torch.zeros_like(lower)
+    for r in range(blocks):
+        rows = slice(r * block, (r + 1) * block)
+        full[..., rows, rows] = inverse[..., r, :, :]
+        if r:
+            above = slice(0, r * block)
+            full[..., rows, above] = -inverse[..., r, :, :] @ (lower[..., rows, above] @ full[..., above, above])
+    return full[..., :size, :size] if pad else full
+
+
+class _UnitLowerInverse(torch.autograd.Function):
+    """T = (I + L)^-1 for strictly lower triangular L; backward dL = -tril(T^T dT T^T, -1)."""
+
+    @staticmethod
+    def forward(ctx, lower: Tensor) -> Tensor:  # type: ignore[override]
+        inverse = invert_unit_lower(lower)
+        ctx.save_for_backward(inverse)
+        return inverse
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[override]
+        (inverse,) = ctx.saved_tensors
+        return -(inverse.mT @ grad @ inverse.mT).tril(-1)
+
+
+def chunked_delta_rule(
+    q: Tensor, k: Tensor, v: Tensor, beta: Tensor, log_decay: Tensor | None, chunk: int, state: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """o_t = q_t S_t, S_t = a_t (I - beta_t k_t^T k_t) S_{t-1} + beta_t k_t^T v_t, chunk-wise (WY / UT form).
+
+    q, k: (B, H, n, d_k); v: (B, H, n, d_v); beta: (B, H, n); log_decay: (B or 1, H, n), (B or 1, H, 1)
+    (constant per head) or None (a = 1). Within a chunk (Yang et al. 2024, 2025), with b_t the
+    chunk-local cumulative log decay, g_t = exp(b_t) and D_tj = exp(b_t - b_j):
+
+        S_t = g_t S_0 + sum_{j<=t} D_tj k_j^T u_j,
+        u_t = beta_t (v_t - g_t k_t S_0 - sum_{j<t} D_tj (k_t . k_j) u_j),
+
+    i.e. (I + L) U = diag(beta) (V - diag(g) K S_0) with L_tj = beta_t D_tj k_t . k_j (j < t): unit lower
+    triangular. Its inverse T (one batched blocked forward substitution, `invert_unit_lower`) gives
+    W = T diag(beta g) K and U' = T diag(beta) V, so U = U' - W S_0. The loop over chunks carries
+    S_0 -> g_C S_0 + (K * exp(b_C - b))^T U; then O = diag(g) Q S_0 + (Q K^T * D) U for all chunks at once.
+    """
+    n = q.shape[2]
+    chunk = min(chunk, n)
+    qc, kc, vc = (to_chunks(x, chunk) for x in (q, k, v))
+    bc = to_chunks(beta, chunk)[..., None]  # (B, H, N, C, 1)
+    b, b_mask = (None, None) if log_decay is None else cumulative_log_decay(log_decay, n, chunk)
+    strict = causal_decay_mask(b_mask, chunk, True, q)
+    lower = (kc @ kc.mT) * strict * bc  # L, zero on and above the diagonal
+    k_written = kc * bc if b is None else kc * (bc * decay_factor(b)[..., None])
+    rhs = torch.cat((k_written, vc * bc), -1)
+    w, u = (_UnitLowerInverse.apply(lower) @ rhs).split((k.shape[-1], v.shape[-1]), -1)
+    k_out = kc if b is None else kc * decay_factor(b[..., -1:] - b)[..., None]
+    s = q.new_zeros(q.shape[:2] + (k.shape[-1], v.shape[-1])) if state is None else state
+    starts, corrected = [], []
+    chunks = qc.shape[2]
+    decays = [None] * chunks if b is None else decay_factor(b[..., -1, None, None]).unbind(2)
+    for u_c, w_c, k_c, decay in zip(u.unbind(2), w.unbind(2), k_out.mT.unbind(2), decays):
+        starts.append(s)
+        u_c = u_c - w_c @ s
+        corrected.append(u_c)
+        s = k_c @ u_c + (s if decay is None else decay * s)
+    q_in = qc if b is None else qc * decay_factor(b)[..., None]
+    scores = (qc @ kc.mT) * causal_decay_mask(b_mask, chunk, False, q)
+    out = q_in @ torch.stack(starts, 2) + scores @ torch.stack(corrected, 2)
+    return from_chunks(out, n), s
+
+
+def delta_step(
+    q: Tensor, k: Tensor, v: Tensor, beta: Tensor, log_decay: Tensor | None, state: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """One token of `chunked_delta_rule`: S <- a S; u = beta (v - k S); S <- S + k^T u; o = q S."""
+    if state is None:
+        state = q.new_zeros(q.shape[:2] + (k.shape[-1], v.shape[-1]))
+    s = state if log_decay is None else decay_factor(log_decay[..., None]) * state
+    u = beta[..., None] * (v - k @ s)
+    s = s + k.mT @ u
+    return q @ s, s
 
 
 class WriteStrength(nn.Module):
@@ -78,6 +183,8 @@ class DeltaNet(RecurrentKernel):
     chunk_size: positions per chunk of the WY form. output_norm: RMS-normalise each head's output.
     """
 
+    display_order = 8  # where it is listed (tables, CLI help)
+
     def __init__(self, *, chunk_size: Annotated[int, Field(ge=1)] = 64, output_norm: bool = True) -> None:
         self.chunk_size, self.output_norm = check_common_options("deltanet", chunk_size, output_norm)
 
@@ -92,7 +199,7 @@ class DeltaNet(RecurrentKernel):
         batch, heads = q.shape[:2]
         check_extras(self.name, extra, {"beta": (batch, heads, n)})
         alibi = alibi_log_decay(alibi_slopes)
-        return {"beta": extra["beta"], "log_decay": None if alibi is None else alibi.expand(1, heads, n)}
+        return {"beta": extra["beta"], "log_decay": alibi}  # (1, H, 1) or None
 
     def chunked(self, q: Tensor, k: Tensor, v: Tensor, gates: dict, state: Tensor | None) -> tuple[Tensor, Tensor]:
         return chunked_delta_rule(q, k, v, gates["beta"], gates["log_decay"], self.chunk_size, state)

@@ -32,14 +32,12 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
-from transformer_comparison.attention.deltanet import WriteStrength, delta_rule_flops
+from transformer_comparison.attention.deltanet import WriteStrength, chunked_delta_rule, delta_rule_flops, delta_step
 from transformer_comparison.attention.recurrent import (
     RecurrentKernel,
     alibi_log_decay,
     check_common_options,
     check_extras,
-    chunked_delta_rule,
-    delta_step,
     l2_normalize,
 )
 from transformer_comparison.attention.registry import register_attention
@@ -84,6 +82,8 @@ class GatedDeltaNet(RecurrentKernel):
 
     chunk_size: positions per chunk of the WY form. output_norm: RMS-normalise each head's output.
     """
+
+    display_order = 9  # where it is listed (tables, CLI help)
 
     def __init__(self, *, chunk_size: Annotated[int, Field(ge=1)] = 64, output_norm: bool = True) -> None:
         self.chunk_size, self.output_norm = check_common_options("gated_deltanet", chunk_size, output_norm)

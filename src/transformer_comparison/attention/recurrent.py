@@ -10,7 +10,9 @@ with a_t = exp(log_decay_t) <= 1, a scalar per head (retention, gated_deltanet, 
 over the d_k channels (gla). Training uses the chunk-wise forms below, batched over all chunks of
 C positions at once, with one Python loop over the n/C chunks for the state that crosses chunk
 boundaries: time O(n C d + n d^2), memory O(n C + (n/C) d^2) per head (the state at every chunk
-start is kept for backward). Decoding uses the one-token recurrence (`linear_step`, `delta_step`).
+start is kept for backward). Decoding uses the one-token recurrence. Here: the scalar-decay form
+(`chunked_linear_scalar_decay`, retention) and the linear step (`linear_step`, retention and gla);
+gla.py has the per-channel form, deltanet.py the delta rule's (used by gated_deltanet too).
 
 Decays are handled in log space: b_t is the chunk-local cumulative log decay, and every factor
 exp(b_t - b_j) that is formed has t >= j, so it is <= 1 (it may underflow to 0, which is its value
@@ -34,7 +36,6 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from transformer_comparison.attention.base import LOW_PRECISION, AttentionKernel, check_new_tokens
 from transformer_comparison.attention.cache import DecodeCache
@@ -80,11 +81,23 @@ def scan_states(updates: Tensor, decays: Tensor | None, state: Tensor | None) ->
     state: the state before the first chunk (B, H, d_k, d_v) or None (zeros).
     """
     s = updates.new_zeros(updates.shape[:2] + updates.shape[3:]) if state is None else state
+    per_chunk = [None] * updates.shape[2] if decays is None else decays.unbind(2)  # unbind: one backward op, not one per chunk
     starts = []
-    for c in range(updates.shape[2]):
+    for update, decay in zip(updates.unbind(2), per_chunk):
         starts.append(s)
-        s = updates[:, :, c] + (s if decays is None else decays[:, :, c] * s)
+        s = update + (s if decay is None else decay * s)
     return torch.stack(starts, 2), s
+
+
+def cumulative_log_decay(log_decay: Tensor, n: int, chunk: int) -> tuple[Tensor, Tensor]:
+    """Chunk-local inclusive cumulative log decays b (B', H, N, C) of log decays (B', H, n), padded
+    positions not decaying; and the b to build the intra-chunk masks from: for a decay constant per
+    head, given as (B', H, 1), one chunk's (B', H, 1, C), broadcast over the chunks."""
+    b = to_chunks(log_decay.expand(-1, -1, n), chunk).cumsum(-1)
+    if log_decay.shape[2] == 1 and n > 1:
+        steps = torch.arange(1, chunk + 1, device=log_decay.device, dtype=log_decay.dtype)
+        return b, log_decay[..., None] * steps
+    return b, b
 
 
 def causal_decay_mask(b: Tensor | None, chunk: int, strict: bool, like: Tensor) -> Tensor:
@@ -101,153 +114,26 @@ def chunked_linear_scalar_decay(
 ) -> tuple[Tensor, Tensor]:
     """o_t = q_t S_t, S_t = a_t S_{t-1} + k_t^T v_t with a scalar a_t per head and position.
 
-    q, k: (B, H, n, d_k); v: (B, H, n, d_v); log_decay: (B or 1, H, n), <= 0; state: (B, H, d_k, d_v)
-    or None. Within a chunk O = (Q K^T * D) V + diag(exp(b)) Q S_0; the chunk adds
-    (K * exp(b_C - b))^T V to exp(b_C) S_0. Returns (out (B, H, n, d_v), final state).
+    q, k: (B, H, n, d_k); v: (B, H, n, d_v); log_decay: (B or 1, H, n) or, constant per head,
+    (B or 1, H, 1), <= 0; state: (B, H, d_k, d_v) or None. Within a chunk
+    O = (Q K^T * D) V + diag(exp(b)) Q S_0, and the chunk adds (K * exp(b_C - b))^T V to exp(b_C) S_0.
+    Returns (out (B, H, n, d_v), final state).
     """
     n = q.shape[2]
     chunk = min(chunk, n)
     qc, kc, vc = (to_chunks(x, chunk) for x in (q, k, v))
-    b = to_chunks(log_decay, chunk).cumsum(-1)  # (B', H, N, C)
-    out = ((qc @ kc.mT) * causal_decay_mask(b, chunk, False, q)) @ vc
+    b, b_mask = cumulative_log_decay(log_decay, n, chunk)  # (B', H, N, C), (B', H, N or 1, C)
+    out = ((qc @ kc.mT) * causal_decay_mask(b_mask, chunk, False, q)) @ vc
     updates = (kc * decay_factor(b[..., -1:] - b)[..., None]).mT @ vc
     starts, final = scan_states(updates, decay_factor(b[..., -1, None, None]), state)
     out = out + (qc * decay_factor(b)[..., None]) @ starts
     return from_chunks(out, n), final
 
 
-class _DiagonalDecayScores(torch.autograd.Function):
-    """A_tj = sum_i q_ti k_ji exp(b_ti - b_ji) for j <= t within sub-chunks, else 0.
-
-    q, k, b: (..., c, d) -> (..., c, c). A loop over the c key positions, each an elementwise op over
-    all sub-chunks at once, so the (c, c, d) decay tensor is never materialised: backward keeps only
-    q, k and b and recomputes the factors (db = q * dq - k * dk, since A depends on b_t - b_j).
-    """
-
-    @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, b: Tensor) -> Tensor:  # type: ignore[override]
-        c = q.shape[-2]
-        scores = q.new_zeros(q.shape[:-1] + (c,))
-        for j in range(c):
-            factor = decay_factor(b[..., j:, :] - b[..., j : j + 1, :])
-            scores[..., j:, j] = (q[..., j:, :] * factor * k[..., j : j + 1, :]).sum(-1)
-        ctx.save_for_backward(q, k, b)
-        return scores
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, Tensor]:  # type: ignore[override]
-        q, k, b = ctx.saved_tensors
-        dq, dk = torch.zeros_like(q), torch.zeros_like(k)
-        for j in range(q.shape[-2]):
-            weighted = grad[..., j:, j, None] * decay_factor(b[..., j:, :] - b[..., j : j + 1, :])
-            dq[..., j:, :] += weighted * k[..., j : j + 1, :]
-            dk[..., j, :] = (weighted * q[..., j:, :]).sum(-2)
-        return dq, dk, q * dq - k * dk
-
-
-def channel_decay_scores(q: Tensor, k: Tensor, b: Tensor, sub: int) -> Tensor:
-    """Intra-chunk scores A_tj = sum_i q_ti k_ji exp(b_ti - b_ji), j <= t, for per-channel decays.
-
-    q, k, b: (B, H, N, C, d), b the chunk-local cumulative log decay; C a multiple of `sub`. Blocks of
-    `sub` x `sub` on the diagonal use `_DiagonalDecayScores`; a query sub-chunk s reads the keys of
-    earlier sub-chunks through the reference point r_s = b at the end of sub-chunk s - 1:
-    (q_t exp(b_t - r_s)) . (k_j exp(r_s - b_j)), both factors <= 1 for j < s sub <= t, one matmul.
-    """
-    batch, heads, chunks, chunk, dim = q.shape
-    ns = chunk // sub
-    qs, ks, bs = (x.view(batch, heads, chunks, ns, sub, dim) for x in (q, k, b))
-    diagonal = _DiagonalDecayScores.apply(qs, ks, bs)  # (B, H, N, ns, sub, sub)
-    eye = torch.eye(ns, dtype=q.dtype, device=q.device)
-    scores = (diagonal[..., :, :, None, :] * eye[:, None, :, None]).reshape(batch, heads, chunks, chunk, chunk)
-    if ns > 1:
-        ref = bs[..., :-1, -1:, :]  # (B, H, N, ns-1, 1, d)
-        q_off = qs[..., 1:, :, :] * decay_factor(bs[..., 1:, :, :] - ref)
-        k_off = k.unsqueeze(3) * decay_factor((ref - b.unsqueeze(3)).clamp(max=0.0))  # (B, H, N, ns-1, C, d)
-        keys_before = torch.arange(chunk, device=q.device) < (torch.arange(1, ns, device=q.device) * sub)[:, None]
-        off = (q_off @ k_off.mT) * keys_before[:, None, :].to(q.dtype)  # (B, H, N, ns-1, sub, C)
-        scores = scores + F.pad(off, (0, 0, 0, 0, 1, 0)).reshape(batch, heads, chunks, chunk, chunk)
-    return scores
-
-
-def chunked_linear_channel_decay(
-    q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, chunk: int, sub: int, state: Tensor | None
-) -> tuple[Tensor, Tensor]:
-    """o_t = q_t S_t, S_t = diag(a_t) S_{t-1} + k_t^T v_t with a_t a vector over the d_k channels.
-
-    As `chunked_linear_scalar_decay` with log_decay (B, H, n, d_k); the intra-chunk scores need
-    per-channel factors (`channel_decay_scores`). `chunk` must be a multiple of `sub` or <= it.
-    """
-    n = q.shape[2]
-    if chunk > n:  # one chunk, padded to a whole number of sub-chunks
-        chunk = min(chunk, -(-n // sub) * sub)
-    sub = min(sub, chunk)
-    qc, kc, vc = (to_chunks(x, chunk) for x in (q, k, v))
-    b = to_chunks(log_decay, chunk).cumsum(-2)  # (B, H, N, C, d_k)
-    out = channel_decay_scores(qc, kc, b, sub) @ vc
-    updates = (kc * decay_factor(b[..., -1:, :] - b)).mT @ vc
-    starts, final = scan_states(updates, decay_factor(b[..., -1, :, None]), state)
-    out = out + (qc * decay_factor(b)) @ starts
-    return from_chunks(out, n), final
-
-
-def chunked_delta_rule(
-    q: Tensor, k: Tensor, v: Tensor, beta: Tensor, log_decay: Tensor | None, chunk: int, state: Tensor | None
-) -> tuple[Tensor, Tensor]:
-    """o_t = q_t S_t, S_t = a_t (I - beta_t k_t^T k_t) S_{t-1} + beta_t k_t^T v_t, chunk-wise (WY / UT form).
-
-    q, k: (B, H, n, d_k); v: (B, H, n, d_v); beta: (B, H, n); log_decay: (B or 1, H, n) or None (a = 1).
-    Within a chunk (Yang et al. 2024, 2025), with g_t = exp(b_t) and D_tj = exp(b_t - b_j):
-        S_t = g_t S_0 + sum_{j<=t} D_tj k_j^T u_j,   u_t = beta_t (v_t - g_t k_t S_0 - sum_{j<t} D_tj (k_t . k_j) u_j),
-    i.e. (I + L) U = diag(beta) (V - diag(g) K S_0) with L_tj = beta_t D_tj k_t . k_j (j < t), unit lower
-    triangular. One batched triangular solve gives W = T diag(beta g) K and U' = T diag(beta) V,
-    T = (I + L)^-1, so U = U' - W S_0; the loop over chunks carries S_0 -> g_C S_0 + (K * D_C.)^T U, and
-    O = diag(g) Q S_0 + (Q K^T * D) U.
-    """
-    n = q.shape[2]
-    chunk = min(chunk, n)
-    qc, kc, vc = (to_chunks(x, chunk) for x in (q, k, v))
-    bc = to_chunks(beta, chunk)[..., None]  # (B, H, N, C, 1)
-    b = None if log_decay is None else to_chunks(log_decay, chunk).cumsum(-1)
-    strict = causal_decay_mask(b, chunk, True, q)
-    lower = (kc @ kc.mT) * strict * bc  # L, zero on and above the diagonal
-    eye = torch.eye(chunk, dtype=q.dtype, device=q.device)
-    k_written = kc * bc if b is None else kc * (bc * decay_factor(b)[..., None])
-    rhs = torch.cat((k_written, vc * bc), -1)
-    w, u = torch.linalg.solve_triangular(lower + eye, rhs, upper=False, unitriangular=True).split(
-        (k.shape[-1], v.shape[-1]), -1
-    )
-    k_out = kc if b is None else kc * decay_factor(b[..., -1:] - b)[..., None]
-    chunk_decay = None if b is None else decay_factor(b[..., -1, None, None])
-    s = q.new_zeros(q.shape[:2] + (k.shape[-1], v.shape[-1])) if state is None else state
-    starts, corrected = [], []
-    for c in range(qc.shape[2]):
-        starts.append(s)
-        u_c = u[:, :, c] - w[:, :, c] @ s
-        corrected.append(u_c)
-        s = k_out[:, :, c].mT @ u_c + (s if chunk_decay is None else chunk_decay[:, :, c] * s)
-    q_in = qc if b is None else qc * decay_factor(b)[..., None]
-    scores = (qc @ kc.mT) * causal_decay_mask(b, chunk, False, q)
-    out = q_in @ torch.stack(starts, 2) + scores @ torch.stack(corrected, 2)
-    return from_chunks(out, n), s
-
-
 def linear_step(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, state: Tensor | None) -> tuple[Tensor, Tensor]:
     """One token of `chunked_linear_*`: q, k, v (B, H, 1, d); log_decay (B', H, 1) or (B, H, 1, d_k)."""
     row_decay = decay_factor(log_decay[..., None] if log_decay.dim() == 3 else log_decay.mT)  # (.., d_k or 1, 1)
     s = k.mT @ v + (0.0 if state is None else row_decay * state)
-    return q @ s, s
-
-
-def delta_step(
-    q: Tensor, k: Tensor, v: Tensor, beta: Tensor, log_decay: Tensor | None, state: Tensor | None
-) -> tuple[Tensor, Tensor]:
-    """One token of `chunked_delta_rule`: S <- a S; u = beta (v - k S); S <- S + k^T u; o = q S."""
-    if state is None:
-        state = q.new_zeros(q.shape[:2] + (k.shape[-1], v.shape[-1]))
-    s = state if log_decay is None else decay_factor(log_decay[..., None]) * state
-    u = beta[..., None] * (v - k @ s)
-    s = s + k.mT @ u
     return q @ s, s
 
 

@@ -58,6 +58,8 @@ class Retention(RecurrentKernel):
     output (the paper's GroupNorm without its affine part).
     """
 
+    display_order = 6  # where it is listed (tables, CLI help)
+
     def __init__(self, *, chunk_size: Annotated[int, Field(ge=1)] = 64, output_norm: bool = True) -> None:
         self.chunk_size, self.output_norm = check_common_options("retention", chunk_size, output_norm)
 
@@ -67,7 +69,7 @@ class Retention(RecurrentKernel):
         alibi = alibi_log_decay(alibi_slopes)
         if alibi is not None:
             log_decay = log_decay + alibi
-        return {"log_decay": log_decay.expand(1, q.shape[1], n)}
+        return {"log_decay": log_decay}  # (1, H, 1): the same at every position
 
     def chunked(self, q: Tensor, k: Tensor, v: Tensor, gates: dict, state: Tensor | None) -> tuple[Tensor, Tensor]:
         return chunked_linear_scalar_decay(q, k, v, gates["log_decay"], self.chunk_size, state)
