@@ -18,7 +18,7 @@ from pathlib import Path
 from transformer_comparison.artifacts.comparison import CellEntry, Grid, Scalar, SkippedCell
 from transformer_comparison.attention.registry import kernel_class, registered_names
 from transformer_comparison.compare import accounting
-from transformer_comparison.compare.sweeps import (GRID_KEYS, SweepAxis, override_text, parse_sweeps, point_overrides,
+from transformer_comparison.compare.sweeps import (GRID_KEYS, check_specs, SweepAxis, override_text, parse_sweeps, point_overrides,
                                                    split_sweep, sweep_label, sweep_points, swept)
 from transformer_comparison.config import Config, load_config, with_overrides
 from transformer_comparison.errors import UserError
@@ -166,6 +166,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
         if key in GRID_KEYS:
             raise UserError(f"{key} is set per run by the grid; choose its values with {GRID_KEYS[key]}, not an override")
     specs = sweep_specs(args, preset)
+    check_specs(specs)
     plain = [f"{key}={texts[0]}" for key, texts in specs if len(texts) == 1]  # a one-value sweep is an override
     overrides = [*COMPARE_DEFAULTS, *(preset.overrides if preset else ()), *args.overrides, *plain]
     first = _first_pair(attention_types, position_embeddings)

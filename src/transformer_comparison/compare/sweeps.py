@@ -90,10 +90,8 @@ def config_value(cfg: Config, key: str, text: str) -> Scalar:
     return _scalar(text)
 
 
-def parse_sweeps(specs: list[tuple[str, tuple[str, ...]]], base: Config) -> list[SweepAxis]:
-    """Validated axes, one per key (the last --sweep of a key wins); each value checked by building
-    the config with it, so a bad key or value is a one-line error naming it."""
-    by_key: dict[str, tuple[str, ...]] = {}
+def check_specs(specs: list[tuple[str, tuple[str, ...]]]) -> None:
+    """Every --sweep names a key the grid does not own, with distinct values."""
     for key, texts in specs:
         if not key or not texts:
             raise UserError(f"--sweep {key or '?'}=...: give a key and one or more values, e.g. "
@@ -102,7 +100,13 @@ def parse_sweeps(specs: list[tuple[str, tuple[str, ...]]], base: Config) -> list
             raise UserError(f"--sweep {key}: the grid sets {key} per run; choose its values with {GRID_KEYS[key]}")
         if len(set(texts)) != len(texts):
             raise UserError(f"--sweep {key}={','.join(texts)} repeats a value")
-        by_key[key] = texts
+
+
+def parse_sweeps(specs: list[tuple[str, tuple[str, ...]]], base: Config) -> list[SweepAxis]:
+    """Validated axes, one per key (the last --sweep of a key wins); each value checked by building
+    the config with it, so a bad key or value is a one-line error naming it."""
+    check_specs(specs)
+    by_key = {key: texts for key, texts in specs}
     axes = []
     for key, texts in by_key.items():
         values = []
