@@ -9,10 +9,8 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from transformer_comparison.attention.registry import kernel_options, registered_names
 from transformer_comparison.config import (
-    ATTENTION_NAMES,
-    POSITION_NAMES,
-    AttentionConfig,
     Config,
     config_to_yaml,
     kernel_options_for,
@@ -22,8 +20,11 @@ from transformer_comparison.config import (
     with_overrides,
 )
 from transformer_comparison.errors import UserError
+from transformer_comparison.position import position_names
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+ATTENTION_NAMES = registered_names()
+POSITION_NAMES = position_names()
 
 
 def user_error(*args, **kwargs) -> str:
@@ -35,25 +36,47 @@ def user_error(*args, **kwargs) -> str:
     return message
 
 
-def attention_package():
-    """The real kernels, or a skip while some of them are still being written."""
-    try:
-        import transformer_comparison.attention as attention
-    except Exception as error:  # noqa: BLE001
-        pytest.skip(f"transformer_comparison.attention does not import yet: {error}")
-    return attention
-
-
 # --- shipped configs -------------------------------------------------------------------------
 
 
-def test_default_config_file_lists_every_key_with_the_schema_defaults():
+def test_default_config_file_lists_every_plain_key_with_the_schema_defaults():
     raw = yaml.safe_load((CONFIGS / "config.yaml").read_text())
-    assert {section: set(keys) for section, keys in raw.items()} == {
-        section: set(keys) for section, keys in Config().model_dump().items()
-    }
+    defaults = Config().model_dump()
+    assert set(raw) == set(defaults)
+    for section, keys in raw.items():  # mechanism / encoding subsections may be left out
+        plain = {key for key, value in defaults[section].items() if not isinstance(value, dict)}
+        assert plain <= set(keys) <= set(defaults[section])
     assert load_config(CONFIGS / "config.yaml") == Config()
     assert load_config(None) == Config()
+
+
+def test_the_schema_is_derived_from_the_registries():
+    attention = Config.model_fields["attention"].annotation
+    for name in ATTENTION_NAMES:
+        if kernel_options(name):
+            assert set(attention.model_fields[name].annotation.model_fields) == set(kernel_options(name))
+    cfg = load_config(None, attention_type=ATTENTION_NAMES[-1], position_embedding="nope")
+    assert (cfg.attention.type, cfg.position.type) == (ATTENTION_NAMES[-1], "nope")
+
+
+def test_flat_option_keys_of_older_configs_still_work(tmp_path):
+    path = tmp_path / "old.yaml"
+    path.write_text("attention:\n  type: local\n  window: 7\n  top_k: 3\n  gqa_kv_heads: 1\nposition:\n  rope_base: 500.0\n")
+    cfg = load_config(path)
+    assert (cfg.attention.local.window, cfg.attention.sparse.top_k, cfg.attention.gqa.kv_heads) == (7, 3, 1)
+    assert cfg.position.rope.base == 500.0
+    later = load_config(path, ["attention.local.window=9"])  # an override wins over the file
+    assert later.attention.local.window == 9
+    assert load_config(path, ["attention.window=11"]).attention.local.window == 11
+
+
+def test_an_option_the_mechanism_does_not_have_is_an_error():
+    message = user_error(None, ["attention.dot_product.window=3"])
+    assert "attention.dot_product" in message
+    message = user_error(None, ["attention.local.windw=3"])
+    assert "attention.local.windw" in message and "window" in message
+    message = user_error(None, ["attention.no_such_option=3"])
+    assert "no_such_option" in message and "window (local)" in message
 
 
 def test_nanogpt_cpu_config_is_the_nanogpt_recipe():
@@ -96,9 +119,13 @@ def test_overrides_are_parsed_as_yaml_scalars():
     assert cfg.logging.project == "123" and cfg.data.dataset == "/tmp/x y.txt" and cfg.logging.entity is None
 
 
-def test_attention_and_position_arguments_win_over_overrides():
-    cfg = load_config(None, ["attention.type=local"], attention_type="linear", position_embedding="alibi")
+def test_attention_and_position_arguments_win_over_the_file_and_must_agree_with_overrides():
+    cfg = load_config(CONFIGS / "config.yaml", attention_type="linear", position_embedding="alibi")
     assert (cfg.attention.type, cfg.position.type) == ("linear", "alibi")
+    assert load_config(None, ["attention.type=linear"], attention_type="linear").attention.type == "linear"
+    message = user_error(None, ["attention.type=flash"], attention_type="local")
+    assert "--attention_type local" in message and "attention.type=flash" in message
+    assert "--position_embedding" in user_error(None, ["position.type=rope"], position_embedding="alibi")
 
 
 def test_training_by_epochs():
@@ -129,9 +156,14 @@ def test_with_overrides_copies():
     (["model.d_model=12", "position.type=rope"], "model.d_model"),
     (["attention.num_kv_heads=3"], "attention.num_kv_heads"),
     (["attention.num_kv_heads=8"], "attention.num_kv_heads"),
-    (["attention.gqa_kv_heads=4"], "attention.gqa_kv_heads"),
-    (["attention.gqa_kv_heads=3"], "attention.gqa_kv_heads"),
+    (["attention.gqa_kv_heads=4", "attention.type=gqa"], "attention.gqa.kv_heads"),
+    (["attention.gqa.kv_heads=3", "attention.type=gqa"], "attention.gqa.kv_heads"),
     (["model.num_heads=1", "attention.type=gqa"], "attention.type"),
+    (["attention.local.window=0"], "attention.local.window"),
+    (["position.rope.base=0"], "position.rope.base"),
+    (["position.rope.scaling=cubic"], "position.rope.scaling"),
+    (["training.seed=-1"], "training.seed"),
+    (["training.seed=99999999999999"], "training.seed"),
     (["attention.type=softmax"], "attention.type"),
     (["position.type=learned"], "position.type"),
     (["training.device=gpu"], "training.device"),
@@ -201,30 +233,36 @@ def test_gqa_default_kv_heads(heads, expected):
 def test_kv_heads_for():
     assert kv_heads_for(Config()) == 4
     assert kv_heads_for(load_config(None, ["attention.num_kv_heads=2"])) == 2
-    assert kv_heads_for(load_config(None, ["attention.gqa_kv_heads=1", "attention.num_kv_heads=2"], attention_type="gqa")) == 1
-    assert kv_heads_for(load_config(None, ["attention.gqa_kv_heads=1"])) == 4  # only gqa reads gqa_kv_heads
+    assert kv_heads_for(load_config(None, ["attention.gqa.kv_heads=1", "attention.num_kv_heads=2"], attention_type="gqa")) == 1
+    assert kv_heads_for(load_config(None, ["attention.gqa.kv_heads=1"])) == 4  # only gqa reads its kv_heads
 
 
-def test_names_agree_with_the_packages():
-    from transformer_comparison.position import POSITION_TYPES
+def test_kernel_options_are_the_mechanism_subsection():
+    from transformer_comparison.attention import build_attention
 
-    assert POSITION_NAMES == POSITION_TYPES
-    assert ATTENTION_NAMES == attention_package().ATTENTION_TYPES
-
-
-def test_kernel_options_come_from_the_attention_section():
-    attention = attention_package()
-    from transformer_comparison.attention.registry import kernel_options, registered_names
-
-    for name in registered_names():  # those written so far
+    for name in ATTENTION_NAMES:
         cfg = load_config(None, attention_type=name)
         options = kernel_options_for(cfg)
-        # options the config has are passed; kernel-only ones (linear's eps) keep their defaults
-        assert set(options) == set(kernel_options(name)) & set(AttentionConfig.model_fields)
-        assert all(options[key] == getattr(cfg.attention, key) for key in options)
-        attention.build_attention(name, **options)
+        assert options == kernel_options(name)  # one set of defaults: the constructor's
+        build_attention(name, **options)
     assert kernel_options_for(load_config(None, ["attention.window=7"], attention_type="local")) == {"window": 7}
     assert kernel_options_for(load_config(None, ["attention.use_sdpa=true"], attention_type="flash"))["use_sdpa"] is True
+
+
+def test_yaml_duplicate_keys_and_alias_bombs_are_refused(tmp_path):
+    import time
+
+    path = tmp_path / "dup.yaml"
+    path.write_text("model:\n  d_model: 64\n  d_model: 128\n")
+    assert "given twice" in user_error(path)
+    bomb = ["a: &a [x, x, x, x, x, x, x, x, x]"]
+    for level in range(1, 10):
+        previous = "a" if level == 1 else f"l{level - 1}"
+        bomb.append(f"l{level}: &l{level} [" + ", ".join([f"*{previous}"] * 9) + "]")
+    path.write_text("\n".join(bomb) + "\n")
+    start = time.perf_counter()
+    assert "expands to more than" in user_error(path)
+    assert time.perf_counter() - start < 1.0
 
 
 @settings(max_examples=40, deadline=None)

@@ -1,34 +1,31 @@
 """The run configuration: a pydantic schema for configs/*.yaml, dotted overrides, load and dump.
 
     cfg = load_config("configs/config.yaml", ["training.learning_rate=3e-4"], attention_type="local")
-    cfg.model.d_model, cfg.attention.window, kv_heads_for(cfg), kernel_options_for(cfg)
+    cfg.model.d_model, cfg.attention.local.window, kv_heads_for(cfg), kernel_options_for(cfg)
 
-Sections: model, attention, position, training, data, logging. Every key has a default (the values
-in configs/config.yaml), so a config file may list only what it changes. Every problem, whether in
-the YAML, an override or a cross-field rule, raises `UserError` with a one-line message naming the
-key (`training.learning_rate`), the bad value and what is allowed.
+Sections: model, attention, position, training, data, logging. `attention` and `position` are derived
+from the registries: `type` is one of the registered names, and each registered mechanism / encoding
+with options has a subsection of its own, whose keys, types, bounds and defaults are its
+constructor's (attention.local.window, position.rope.base). Every key has a default, so a config
+file may list only what it changes. Every problem, whether in the YAML, an override or a cross-field
+rule, raises `UserError` with a one-line message naming the key (`training.learning_rate`), the bad
+value and what is allowed. YAML and override parsing live in config_io.py.
 """
 
 from __future__ import annotations
 
 import re
-import typing
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
+from transformer_comparison import config_io
+from transformer_comparison.artifacts.io import write_text_atomic
+from transformer_comparison.config_io import user_error
 from transformer_comparison.errors import UserError
-
-# The names in attention/__init__.py and position/__init__.py (tests check they agree); kept here so
-# that reading a config does not import torch or the kernels.
-ATTENTION_NAMES: tuple[str, ...] = ("dot_product", "linear", "sparse", "local", "gqa", "flash")
-POSITION_NAMES: tuple[str, ...] = ("sinusoidal", "rope", "alibi")
-
-AttentionName = Literal["dot_product", "linear", "sparse", "local", "gqa", "flash"]
-PositionName = Literal["sinusoidal", "rope", "alibi"]
 
 _DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
@@ -47,23 +44,54 @@ class ModelConfig(_Section):
     context_length: int = Field(128, ge=1)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     bias: bool = False
+    mlp_ratio: float = Field(4.0, gt=0.0)  # MLP hidden width = round(mlp_ratio * d_model)
 
 
-class AttentionConfig(_Section):
-    type: AttentionName = "dot_product"
-    window: int = Field(32, ge=1)  # local: keys each query sees, itself included
-    top_k: int = Field(16, ge=1)  # sparse: keys kept per query
-    block_size: int = Field(64, ge=1)  # flash: query/key tile size
-    use_sdpa: bool = False  # flash: torch's fused SDPA where it is the same maths (no entropy, no n x n mask)
-    chunk_size: int = Field(64, ge=1)  # linear: chunk length of the causal scan
-    feature_map: Literal["elu"] = "elu"  # linear: phi(x) = elu(x) + 1
-    num_kv_heads: int | None = Field(None, ge=1)  # every mechanism but gqa; null: num_heads
-    gqa_kv_heads: int | None = Field(None, ge=1)  # gqa; null: the largest divisor of num_heads <= num_heads // 2
+def _registry_section(name: str, doc: str, names: tuple[str, ...], options: dict[str, type[BaseModel]],
+                      extra_fields: dict[str, Any]) -> type[_Section]:
+    """A config section with `type` (one of the registered names), shared keys, and one subsection
+    per registered entry holding its options (derived from its constructor)."""
+    fields: dict[str, Any] = {"type": (Literal[names], names[0]), **extra_fields}  # type: ignore[valid-type]
+    for entry, model in options.items():
+        fields[entry] = (model, Field(default_factory=model))
+    section = create_model(name, __base__=_Section, **fields)
+    section.__doc__ = doc
+    return section
 
 
-class PositionConfig(_Section):
-    type: PositionName = "sinusoidal"
-    rope_base: float = Field(10000.0, gt=0.0)
+def _attention_section() -> type[_Section]:
+    from transformer_comparison.attention.registry import options_model, registered_names
+
+    names = registered_names()
+    ordered = ("dot_product", *[n for n in names if n != "dot_product"]) if "dot_product" in names else names
+    return _registry_section(
+        "AttentionConfig", "attention: the mechanism (`type`), kv heads, and each mechanism's options.",
+        ordered, {n: options_model(n) for n in ordered if options_model(n).model_fields},
+        {"num_kv_heads": (int | None, Field(None, ge=1))},  # every mechanism but gqa; null: num_heads
+    )
+
+
+def _position_section() -> type[_Section]:
+    from transformer_comparison.position.registry import options_model, registered_names
+
+    names = registered_names()
+    ordered = ("sinusoidal", *[n for n in names if n != "sinusoidal"]) if "sinusoidal" in names else names
+    with_options = {n: options_model(n) for n in ordered if options_model(n).model_fields}
+    return _registry_section("PositionConfig", "position: the encoding (`type`) and each encoding's options.",
+                             ordered, with_options, {})
+
+
+AttentionConfig = _attention_section()
+PositionConfig = _position_section()
+
+# Keys of the attention/position sections before options moved into one subsection per mechanism /
+# encoding: a flat key sets that option on every entry that has it (`attention.window=16` is
+# `attention.local.window=16`); renamed ones are listed here.
+LEGACY_RENAMES: dict[tuple[str, str], tuple[str, str]] = {
+    ("attention", "gqa_kv_heads"): ("gqa", "kv_heads"),
+    ("position", "rope_base"): ("rope", "base"),
+}
+REGISTRY_SECTIONS = {"attention": AttentionConfig, "position": PositionConfig}
 
 
 class TrainingConfig(_Section):
@@ -81,11 +109,12 @@ class TrainingConfig(_Section):
     eval_interval: int = Field(250, ge=1)
     eval_batches: int | None = Field(20, ge=1)  # null: the whole validation split
     checkpoint_interval: int = Field(500, ge=0)  # 0: only at the end
-    seed: int = 1337
+    seed: int = Field(1337, ge=0, lt=2**32)  # numpy's seed range
     device: str = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     compile: bool = False
     time_budget_seconds: float | None = Field(None, gt=0.0)
+    flop_budget: float | None = Field(None, gt=0.0)  # stop after this many training FLOPs (model estimate)
 
     @field_validator("device")
     @classmethod
@@ -129,21 +158,25 @@ class Config(_Section):
 
 def _consistency_problem(cfg: Config) -> str | None:
     """The first cross-field rule the config breaks, as a one-line message, or None."""
+    from transformer_comparison.attention.registry import kernel_class
+    from transformer_comparison.position.registry import position_class
+
     m, a, t = cfg.model, cfg.attention, cfg.training
     heads = m.num_heads
     if m.d_model % heads:
         return f"model.d_model={m.d_model} is not divisible by model.num_heads={heads}"
     head_dim = m.d_model // heads
-    if cfg.position.type == "rope" and head_dim % 2:
+    encoding = position_class(cfg.position.type)
+    if encoding.needs_even_head_dim and head_dim % 2:
         return (f"model.d_model={m.d_model} / model.num_heads={heads} gives head dimension {head_dim}; "
-                "position.type=rope needs an even head dimension")
-    if a.num_kv_heads is not None and (a.num_kv_heads > heads or heads % a.num_kv_heads):
-        return f"attention.num_kv_heads={a.num_kv_heads} must divide model.num_heads={heads}; allowed: {_divisors(heads)}"
-    if a.gqa_kv_heads is not None and (a.gqa_kv_heads >= heads or heads % a.gqa_kv_heads):
-        allowed = _divisors(heads)[:-1] or "none (gqa needs model.num_heads >= 2)"
-        return f"attention.gqa_kv_heads={a.gqa_kv_heads} must divide model.num_heads={heads} and be smaller; allowed: {allowed}"
-    if a.type == "gqa" and heads < 2:
-        return "attention.type=gqa needs model.num_heads >= 2 (fewer kv heads than query heads)"
+                f"position.type={cfg.position.type} needs an even head dimension")
+    refused = kernel_class(a.type).refused_positions.get(cfg.position.type)
+    if refused:
+        return f"attention.type={a.type} with position.type={cfg.position.type} is refused: {refused}"
+    try:
+        kv_heads_for(cfg)
+    except ValueError as error:
+        return str(error)
     if t.min_learning_rate > t.learning_rate:
         return f"training.min_learning_rate={t.min_learning_rate} must not exceed training.learning_rate={t.learning_rate}"
     if (t.max_steps is None) == (t.num_epochs is None):
@@ -154,10 +187,6 @@ def _consistency_problem(cfg: Config) -> str | None:
     return None
 
 
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
-
-
 SECTIONS: dict[str, type[_Section]] = {name: field.annotation for name, field in Config.model_fields.items()}  # type: ignore[misc]
 
 
@@ -165,145 +194,32 @@ SECTIONS: dict[str, type[_Section]] = {name: field.annotation for name, field in
 # Derived values
 
 
-def kv_heads_for(cfg: Config) -> int:
-    """Key/value heads of the model: gqa_kv_heads for gqa, else num_kv_heads (null: num_heads)."""
-    heads = cfg.model.num_heads
-    if cfg.attention.type == "gqa":
-        if cfg.attention.gqa_kv_heads is not None:
-            return cfg.attention.gqa_kv_heads
-        return max(d for d in _divisors(heads) if d <= heads // 2)
-    return cfg.attention.num_kv_heads or heads
-
-
 def kernel_options_for(cfg: Config) -> dict[str, Any]:
-    """The construction options of cfg.attention.type's kernel, taken from the attention section.
-
-    An option the kernel has but the config does not (linear eps) keeps the kernel's default.
-    """
-    import transformer_comparison.attention  # noqa: F401  (registers the kernels)
-    from transformer_comparison.attention.registry import kernel_options
-
-    section = cfg.attention.model_dump()
-    return {name: section[name] for name in kernel_options(cfg.attention.type) if name in section}
+    """The construction options of cfg.attention.type's kernel: its subsection of `attention` (none: {})."""
+    section = getattr(cfg.attention, cfg.attention.type, None)
+    return section.model_dump() if isinstance(section, BaseModel) else {}
 
 
-# ---------------------------------------------------------------------------------------------
-# YAML
+def position_options_for(cfg: Config) -> dict[str, Any]:
+    """The options of cfg.position.type's encoding: its subsection of `position` (none: {})."""
+    section = getattr(cfg.position, cfg.position.type, None)
+    return section.model_dump() if isinstance(section, BaseModel) else {}
 
 
-class _YamlLoader(yaml.SafeLoader):
-    """SafeLoader that also reads 1e-3 (no dot) as a float, as YAML 1.2 and Python do."""
+def kv_heads_for(cfg: Config) -> int:
+    """Key/value heads of the model, by the mechanism's own policy (`AttentionKernel.kv_heads`)."""
+    from transformer_comparison.attention.registry import build_attention
 
-
-_YamlLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-    list("-+0123456789"),
-)
-
-
-def _parse_yaml(text: str, source: str) -> Any:
-    try:
-        return yaml.load(text, Loader=_YamlLoader)  # noqa: S506  (a SafeLoader subclass)
-    except yaml.YAMLError as error:
-        detail = " ".join(str(error).split())
-        raise UserError(f"{source} is not valid YAML: {detail}") from None
-
-
-def _read_yaml(path: Path) -> dict[str, Any]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UserError(f"config file {path} does not exist") from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise UserError(f"cannot read config file {path}: {error}") from None
-    data = _parse_yaml(text, f"config file {path}")
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise UserError(f"config file {path} must be a mapping of sections ({', '.join(SECTIONS)}), got {type(data).__name__}")
-    return data
-
-
-# ---------------------------------------------------------------------------------------------
-# Overrides
-
-
-def apply_override(raw: dict[str, Any], override: str) -> None:
-    """Set `section.key=value` in the raw config dict; the value is read as a YAML scalar."""
-    dotted, sep, text = override.partition("=")
-    section_name, dot, key = dotted.strip().partition(".")
-    if not sep or not dot or not key:
-        raise UserError(f"override {override!r} should look like section.key=value, e.g. training.learning_rate=3e-4")
-    section = SECTIONS.get(section_name)
-    if section is None:
-        raise UserError(f"unknown config section {section_name!r} in override {override!r}; valid sections: {', '.join(SECTIONS)}")
-    if key not in section.model_fields:
-        raise UserError(f"unknown key {section_name}.{key} in override {override!r}; valid keys of {section_name}: "
-                        f"{', '.join(section.model_fields)}")
-    target = raw.setdefault(section_name, {})
-    if not isinstance(target, dict):
-        raise UserError(f"{section_name} should be a mapping of keys, got {target!r}")
-    target[key] = _override_value(section, key, text.strip(), override)
-
-
-def _override_value(section: type[_Section], key: str, text: str, override: str) -> Any:
-    value = _parse_yaml(text, f"override {override!r}")
-    # A string-valued key keeps what was typed (logging.project=123, data.dataset=on).
-    if value is not None and not isinstance(value, str) and _accepts_str(section.model_fields[key].annotation):
-        return text
-    return value
-
-
-def _accepts_str(annotation: Any) -> bool:
-    if annotation is str:
-        return True
-    args = typing.get_args(annotation)
-    return bool(args) and any(arg is str or isinstance(arg, str) or _accepts_str(arg) for arg in args)
-
-
-# ---------------------------------------------------------------------------------------------
-# Errors
-
-
-def _describe(error: dict[str, Any]) -> str:
-    """One pydantic error as one line: key path, bad value, what is allowed."""
-    loc = [str(part) for part in error["loc"]]
-    path = ".".join(loc)
-    kind, msg, value = error["type"], error["msg"], error.get("input")
-    if kind == "extra_forbidden":
-        if len(loc) == 1:
-            return f"unknown config section {loc[0]!r}; valid sections: {', '.join(SECTIONS)}"
-        section = SECTIONS.get(loc[0])
-        valid = ", ".join(section.model_fields) if section else ""
-        return f"unknown key {path}; valid keys of {loc[0]}: {valid}"
-    if kind == "model_type" and len(loc) == 1:
-        return f"{path} should be a mapping of keys ({', '.join(SECTIONS[loc[0]].model_fields)}), got {_short(value)}"
-    msg = msg.removeprefix("Value error, ")
-    if not path:  # a cross-field rule: the message names its keys
-        return msg
-    if msg.startswith("Input should be "):
-        msg = "should be " + msg.removeprefix("Input should be ")
-    elif not msg.startswith("should "):
-        msg = f"is invalid: {msg}"
-    return f"{path}={_short(value)} {msg}"
-
-
-def _short(value: Any, limit: int = 60) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _user_error(error: ValidationError) -> UserError:
-    errors = error.errors(include_url=False)
-    message = _describe(errors[0])
-    if len(errors) > 1:
-        message += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
-    return UserError(message)
+    kernel = build_attention(cfg.attention.type, **kernel_options_for(cfg))
+    return kernel.kv_heads(cfg.model.num_heads, cfg.attention.num_kv_heads)
 
 
 # ---------------------------------------------------------------------------------------------
 # Public API
+
+
+def _sections() -> dict[str, type[BaseModel]]:
+    return SECTIONS  # type: ignore[return-value]
 
 
 def validate_config(raw: dict[str, Any]) -> Config:
@@ -311,7 +227,22 @@ def validate_config(raw: dict[str, Any]) -> Config:
     try:
         return Config.model_validate(raw)
     except ValidationError as error:
-        raise _user_error(error) from None
+        raise user_error(error, _sections()) from None
+
+
+def apply_override(raw: dict[str, Any], override: str) -> None:
+    """Set `section.key=value` (or `section.entry.key=value`) in a raw config dict."""
+    config_io.apply_override(raw, override, _sections(), LEGACY_RENAMES)
+
+
+def _override_value(raw_overrides: Iterable[str], key: str) -> str | None:
+    """The last value an override list gives `key` (e.g. "attention.type"), or None."""
+    found = None
+    for override in raw_overrides:
+        dotted, sep, text = override.partition("=")
+        if sep and dotted.strip() == key:
+            found = text.strip()
+    return found
 
 
 def load_config(
@@ -321,8 +252,15 @@ def load_config(
     position_embedding: str | None = None,
 ) -> Config:
     """Read a YAML config (None: the defaults), apply `section.key=value` overrides, then the
-    attention/position choices (which win over both), and validate."""
-    raw = _read_yaml(Path(path).expanduser()) if path is not None else {}
+    attention/position choices (which win over the file; an override that contradicts them is an
+    error), and validate."""
+    overrides = list(overrides)
+    for flag, key, chosen in (("--attention_type", "attention.type", attention_type),
+                              ("--position_embedding", "position.type", position_embedding)):
+        given = _override_value(overrides, key)
+        if chosen is not None and given is not None and given != chosen:
+            raise UserError(f"{flag} {chosen} contradicts the override {key}={given}; give one of them")
+    raw = config_io.read_yaml(Path(path).expanduser(), _sections(), LEGACY_RENAMES) if path is not None else {}
     for override in overrides:
         apply_override(raw, override)
     if attention_type is not None:
@@ -338,7 +276,7 @@ def config_to_yaml(cfg: Config) -> str:
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(config_to_yaml(cfg), encoding="utf-8")
+    write_text_atomic(path, config_to_yaml(cfg))
 
 
 def with_overrides(cfg: Config, overrides: Sequence[str]) -> Config:

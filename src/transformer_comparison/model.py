@@ -2,9 +2,11 @@
 
 Token embedding tied to the output head, `num_layers` pre-LayerNorm blocks (attention from the
 registry, then an MLP), a final LayerNorm, and GPT-2's initialisation with the standard deviations
-taken from the layer widths (GPT._init_weights). The positional encoding comes from
-`transformer_comparison.position`: sinusoidal is added to the embeddings; RoPE and ALiBi are handed
-to the attention kernel (position.kernel_position_args).
+taken from the layer widths (GPT._init_weights). The positional encoding comes from the position
+registry: what it adds to the embeddings (sinusoidal) and what it hands to every attention kernel
+(RoPE, ALiBi) are its own (`position.base.PositionEncoding`). A mechanism that needs learned
+projections of the layer input besides q, k and v (gates, decays) declares them
+(`AttentionKernel.layer_inputs`); the layer owns that module and passes its outputs to the kernel.
 
 Decoding: `caches = model.new_caches()` (one per layer, from the kernel), then
 `model(idx, caches=caches)` with the prompt, then with one token at a time; each call sees
@@ -24,7 +26,8 @@ from torch.nn import functional as F
 
 from transformer_comparison.attention import build_attention
 from transformer_comparison.attention.cache import DecodeCache
-from transformer_comparison.position import kernel_position_args, sinusoidal_encoding
+from transformer_comparison.config import Config, kernel_options_for, kv_heads_for, position_options_for
+from transformer_comparison.position import build_position
 
 
 @dataclass
@@ -40,7 +43,12 @@ class GPTConfig:
     attention_type: str = "dot_product"
     attention_options: dict[str, Any] = field(default_factory=dict)
     position_embedding: str = "sinusoidal"
-    rope_base: float = 10000.0
+    position_options: dict[str, Any] = field(default_factory=dict)
+    mlp_ratio: float = 4.0
+
+    @property
+    def mlp_width(self) -> int:
+        return max(1, round(self.mlp_ratio * self.d_model))
 
     @property
     def head_dim(self) -> int:
@@ -59,9 +67,11 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(config.d_model, config.d_model, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
         self.kernel = build_attention(config.attention_type, **config.attention_options)
-        position_args = kernel_position_args(config.position_embedding, config.num_heads, config.rope_base)
-        self.rope = position_args["rope"]
-        self.register_buffer("alibi_slopes", position_args["alibi_slopes"], persistent=False)
+        self.layer_inputs = self.kernel.layer_inputs(config.d_model, config.num_heads, config.head_dim)
+        encoding = build_position(config.position_embedding, **config.position_options)
+        positions = encoding.kernel_positions(config.num_heads, config.context_length)
+        self.rope = positions.rope
+        self.register_buffer("alibi_slopes", positions.alibi_slopes, persistent=False)
 
     def split_heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         batch, n, _ = x.shape
@@ -80,10 +90,13 @@ class CausalSelfAttention(nn.Module):
         self, x: Tensor, return_entropy: bool = False, cache: DecodeCache | None = None
     ) -> tuple[Tensor, Tensor | None]:
         q, k, v = self.split_heads(x)
+        extra = self.layer_inputs(x) if self.layer_inputs is not None else {}
         if cache is not None:
-            y = self.kernel.decode(q, k, v, cache, alibi_slopes=self.alibi_slopes, rope=self.rope)
+            y = self.kernel.decode(q, k, v, cache, alibi_slopes=self.alibi_slopes, rope=self.rope, **extra)
             return self.merge_heads(y), None
-        result = self.kernel(q, k, v, causal=True, alibi_slopes=self.alibi_slopes, rope=self.rope, return_entropy=return_entropy)
+        result = self.kernel(
+            q, k, v, causal=True, alibi_slopes=self.alibi_slopes, rope=self.rope, return_entropy=return_entropy, **extra
+        )
         y, entropy = result if return_entropy else (result, None)
         return self.merge_heads(y), entropy
 
@@ -91,8 +104,8 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
-        self.fc = nn.Linear(config.d_model, 4 * config.d_model, bias=config.bias)
-        self.proj = nn.Linear(4 * config.d_model, config.d_model, bias=config.bias)
+        self.fc = nn.Linear(config.d_model, config.mlp_width, bias=config.bias)
+        self.proj = nn.Linear(config.mlp_width, config.d_model, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -120,11 +133,9 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         self.token_embedding = nn.Embedding(config.vocab_size, config.d_model)
-        if config.position_embedding == "sinusoidal":
-            table = sinusoidal_encoding(config.context_length, config.d_model) / math.sqrt(config.d_model)
-            self.register_buffer("position_table", table, persistent=False)
-        else:
-            self.position_table = None
+        self.position_encoding = build_position(config.position_embedding, **config.position_options)
+        table = self.position_encoding.embeddings(0, config.context_length, config.d_model)
+        self.register_buffer("position_table", table, persistent=False)  # None: the encoding adds nothing
         self.dropout = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.num_layers))
         self.ln_f = nn.LayerNorm(config.d_model, bias=config.bias)
@@ -162,21 +173,13 @@ class GPT(nn.Module):
         non_embedding = self.num_parameters() - self.token_embedding.weight.numel()
         return 6 * non_embedding + 12 * c.num_layers * c.d_model * c.context_length
 
-    def sinusoidal_positions(self, n: int, start: int = 0) -> Tensor:
-        """Rows start .. start + n - 1 of the sinusoidal table, scaled by 1/sqrt(d_model); computed afresh beyond the table.
-
-        Vaswani et al. multiply the embeddings by sqrt(d_model) before adding the table; here the
-        table is divided by it instead, which keeps their relative scale (embedding entries of std
-        d_model^-1/2 against table entries of RMS 0.71 d_model^-1/2). Measured on
-        configs/nanogpt_cpu.yaml, seeds 1337/1338: 1.728/1.754 scaled, 1.781/1.780 unscaled.
-        """
+    def position_rows(self, n: int, start: int = 0) -> Tensor:
+        """Rows start .. start + n - 1 of the encoding's additive embeddings (the cached table within
+        the training context, computed afresh beyond it)."""
         if start + n <= self.position_table.shape[0]:
             return self.position_table[start : start + n]
-        if start == 0:
-            table = sinusoidal_encoding(n, self.config.d_model)
-        else:
-            table = sinusoidal_encoding(n, self.config.d_model, start=start)
-        return table.to(self.position_table.device) / math.sqrt(self.config.d_model)
+        table = self.position_encoding.embeddings(start, n, self.config.d_model)
+        return table.to(self.position_table.device)
 
     def new_caches(self) -> list[DecodeCache]:
         """Empty decoding caches, one per layer, each of the kind its attention mechanism keeps."""
@@ -200,7 +203,7 @@ class GPT(nn.Module):
             start = caches[0].position
         x = self.token_embedding(idx)
         if self.position_table is not None:
-            x = x + self.sinusoidal_positions(idx.shape[1], start)
+            x = x + self.position_rows(idx.shape[1], start)
         x = self.dropout(x)
         entropies = []
         for i, block in enumerate(self.blocks):
@@ -208,4 +211,27 @@ class GPT(nn.Module):
             entropies.append(entropy)
         logits = self.lm_head(self.ln_f(x))
         loss = None if targets is None else F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
-        return logits, loss, torch.stack(entropies) if return_entropy else None
+        if not return_entropy or any(entropy is None for entropy in entropies):
+            return logits, loss, None  # a mechanism without an attention distribution has no entropy
+        return logits, loss, torch.stack(entropies)
+
+
+def build_model(cfg: Config, vocab_size: int) -> GPT:
+    """The GPT a validated run config describes, with `vocab_size` tokens."""
+    return GPT(
+        GPTConfig(
+            vocab_size=vocab_size,
+            context_length=cfg.model.context_length,
+            d_model=cfg.model.d_model,
+            num_heads=cfg.model.num_heads,
+            num_layers=cfg.model.num_layers,
+            num_kv_heads=kv_heads_for(cfg),
+            dropout=cfg.model.dropout,
+            bias=cfg.model.bias,
+            attention_type=cfg.attention.type,
+            attention_options=kernel_options_for(cfg),
+            position_embedding=cfg.position.type,
+            position_options=position_options_for(cfg),
+            mlp_ratio=cfg.model.mlp_ratio,
+        )
+    )

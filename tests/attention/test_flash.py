@@ -124,10 +124,10 @@ def test_options_and_defaults():
 
 @pytest.mark.parametrize("block_size", [0, -3, 2.5, True, "128"])
 def test_bad_block_size_raises(block_size):
-    with pytest.raises(ValueError, match="block_size must be an integer >= 1"):
+    with pytest.raises(ValueError, match="block_size"):
         build_attention("flash", block_size=block_size)
 
 
 def test_bad_use_sdpa_raises():
-    with pytest.raises(ValueError, match="use_sdpa must be True or False"):
+    with pytest.raises(ValueError, match="use_sdpa"):
         build_attention("flash", use_sdpa="yes")

@@ -109,16 +109,16 @@ def test_options_and_defaults():
 
 @pytest.mark.parametrize("chunk_size", [0, -1, 1.5, False])
 def test_bad_chunk_size_raises(chunk_size):
-    with pytest.raises(ValueError, match="chunk_size must be an integer >= 1"):
+    with pytest.raises(ValueError, match="chunk_size"):
         build_attention("linear", chunk_size=chunk_size)
 
 
 def test_bad_feature_map_raises_naming_the_valid_ones():
-    with pytest.raises(ValueError, match="'relu'.*valid: elu"):
+    with pytest.raises(ValueError, match="'relu'.*elu"):
         build_attention("linear", feature_map="relu")
 
 
 @pytest.mark.parametrize("eps", [0.0, -1e-6, float("nan"), float("inf"), "small"])
 def test_bad_eps_raises(eps):
-    with pytest.raises(ValueError, match="eps must be a positive finite number"):
+    with pytest.raises(ValueError, match="eps"):
         build_attention("linear", eps=eps)

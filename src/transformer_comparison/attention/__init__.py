@@ -1,14 +1,27 @@
 """Attention mechanisms behind one signature (see `base.py`), looked up by name.
 
-    from transformer_comparison.attention import ATTENTION_TYPES, build_attention
+    from transformer_comparison.attention import build_attention, registered_names
     attn = build_attention("local", window=128)
     out = attn(q, k, v, causal=True, alibi_slopes=None)
+
+Every module of this package registers itself (`registry.discover`); nothing lists them here.
 """
 
-from transformer_comparison.attention import dot_product, flash, gqa, linear, local, sparse  # noqa: F401  (registers)
 from transformer_comparison.attention.base import AttentionKernel
-from transformer_comparison.attention.registry import build_attention, kernel_options, register_attention, registered_names
+from transformer_comparison.attention.registry import (
+    build_attention,
+    discover,
+    kernel_class,
+    kernel_options,
+    options_model,
+    register_attention,
+    registered_names,
+)
 
-ATTENTION_TYPES: tuple[str, ...] = ("dot_product", "linear", "sparse", "local", "gqa", "flash")
+discover()
+ATTENTION_TYPES: tuple[str, ...] = registered_names()  # at import time; registered_names() sees later additions
 
-__all__ = ["ATTENTION_TYPES", "AttentionKernel", "build_attention", "kernel_options", "register_attention"]
+__all__ = [
+    "ATTENTION_TYPES", "AttentionKernel", "build_attention", "kernel_class", "kernel_options", "options_model",
+    "register_attention", "registered_names",
+]

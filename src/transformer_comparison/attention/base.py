@@ -11,6 +11,20 @@ rope: a `position.Rotary`, applied as `position/__init__.py` describes.
 entropy: (batch, heads, nq) in nats, of the attention distribution the mechanism really uses.
 Low-precision inputs (bf16, fp16) are computed in float32 and the output is cast back.
 
+What the rest of the program needs to know about a mechanism it reads from the kernel class, never
+from a list of names elsewhere (docs/architecture.md, "Adding a mechanism"):
+
+- construction options: the keyword-only parameters of `__init__`, with their types, bounds
+  (`Annotated[int, Field(ge=1)]`) and defaults; the config schema and the CLI are derived from them;
+- `kv_heads(num_heads, num_kv_heads)`: how many key/value heads the model projects;
+- `flops(...)`: the forward FLOP model the benchmark and the run accounting use;
+- `layer_inputs(d_model, num_heads, head_dim)`: learned projections of the layer input the
+  mechanism needs beyond q, k and v (gates, decays, write strengths), as an `nn.Module` the model
+  owns; its outputs reach `attend` and `decode` as keyword arguments (`**extra`);
+- `has_entropy`: False for mechanisms without an attention distribution (their entropy is None);
+- `refused_positions`: encoding name -> one-line reason, for combinations that make no sense;
+- `new_cache` / `decode`: what decoding keeps.
+
 Decoding (docs/decoding.md), one cache per layer:
 
     cache = attn.new_cache()
@@ -33,7 +47,7 @@ from dataclasses import replace
 from typing import ClassVar
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from transformer_comparison.attention.cache import DecodeCache, KVCache
 from transformer_comparison.position.rope import Rotary
@@ -46,6 +60,8 @@ class AttentionKernel(ABC):
 
     name: ClassVar[str]
     supports_non_causal: ClassVar[bool] = True
+    has_entropy: ClassVar[bool] = True  # False: no attention distribution; entropy is None
+    refused_positions: ClassVar[dict[str, str]] = {}  # encoding -> why this mechanism refuses it
 
     def __call__(
         self,
@@ -57,18 +73,43 @@ class AttentionKernel(ABC):
         alibi_slopes: Tensor | None = None,
         rope: Rotary | None = None,
         return_entropy: bool = False,
-    ) -> Tensor | tuple[Tensor, Tensor]:
+        **extra: Tensor,
+    ) -> Tensor | tuple[Tensor, Tensor | None]:
         check_qkv(q, k, v, alibi_slopes, causal)
         if not causal and not self.supports_non_causal:
             raise ValueError(f"{self.name} attention is causal only; use causal=True")
         input_dtype = q.dtype
         if input_dtype in LOW_PRECISION:
             q, k, v = q.float(), k.float(), v.float()
+            extra = {key: t.float() if t.is_floating_point() else t for key, t in extra.items()}
         if alibi_slopes is not None:
             alibi_slopes = alibi_slopes.to(device=q.device, dtype=q.dtype)
-        out, entropy = self.attend(q, k, v, causal=causal, alibi_slopes=alibi_slopes, rope=rope, need_entropy=return_entropy)
+        out, entropy = self.attend(
+            q, k, v, causal=causal, alibi_slopes=alibi_slopes, rope=rope, need_entropy=return_entropy, **extra
+        )
         out = out.to(input_dtype)
         return (out, entropy) if return_entropy else out
+
+    def kv_heads(self, num_heads: int, num_kv_heads: int | None) -> int:
+        """Key/value heads the model projects for `num_heads` query heads; `num_kv_heads` is the
+        config's attention.num_kv_heads (None: one per query head). Raises ValueError if invalid."""
+        if num_kv_heads is None:
+            return num_heads
+        if num_kv_heads < 1 or num_heads % num_kv_heads:
+            raise ValueError(f"attention.num_kv_heads={num_kv_heads} must divide model.num_heads={num_heads}; "
+                             f"allowed: {divisors(num_heads)}")
+        return num_kv_heads
+
+    def flops(self, *, batch: int, heads: int, nq: int, nk: int, head_dim: int, causal: bool) -> float:
+        """Forward FLOPs of one call (multiply-add = 2), by default dense softmax attention's:
+        2 matmuls of 2 d FLOPs per (query, key) pair the mask leaves visible."""
+        return 4.0 * batch * heads * head_dim * visible_pairs(nq, nk, nk, causal)
+
+    def layer_inputs(self, d_model: int, num_heads: int, head_dim: int) -> nn.Module | None:
+        """Learned projections of the layer input x (batch, n, d_model) beyond q, k and v: a module
+        whose forward(x) returns a dict of tensors that `attend` and `decode` receive as keyword
+        arguments. The model creates it once per layer and owns its parameters. None: no extras."""
+        return None
 
     @abstractmethod
     def attend(
@@ -81,8 +122,10 @@ class AttentionKernel(ABC):
         alibi_slopes: Tensor | None,
         rope: Rotary | None,
         need_entropy: bool,
+        **extra: Tensor,
     ) -> tuple[Tensor, Tensor | None]:
-        """Return (out, entropy or None). Softmax kernels call `rotate_qk` first."""
+        """Return (out, entropy or None). Softmax kernels call `rotate_qk` first; `extra` holds the
+        outputs of `layer_inputs` (empty for the softmax family)."""
 
     def new_cache(self) -> DecodeCache:
         """An empty decoding cache for one layer: keys and values of every token seen (see `decode`)."""
@@ -97,6 +140,7 @@ class AttentionKernel(ABC):
         *,
         alibi_slopes: Tensor | None = None,
         rope: Rotary | None = None,
+        **extra: Tensor,
     ) -> Tensor:
         """Causal attention of n new tokens over everything the cache has seen, then remember them.
 
@@ -164,6 +208,18 @@ def check_new_tokens(q: Tensor, k: Tensor, v: Tensor, alibi_slopes: Tensor | Non
 
 def divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def visible_pairs(nq: int, nk: int, width: int, causal: bool) -> float:
+    """(query, key) pairs with 0 <= p_i - j < width for queries end-aligned with the keys (query i at
+    position p_i = nk - nq + i): the pairs a causal softmax mechanism scores. Not causal: the band
+    on both sides, 2 * causal - nq (exact for nq == nk)."""
+    first, last, reach = nk - nq, nk - 1, width - 1  # a query at p >= reach sees `width` keys
+    ramp_end = min(last, reach - 1)
+    ramp = (ramp_end * (ramp_end + 1) - (first - 1) * first) / 2 + (ramp_end - first + 1) if ramp_end >= first else 0.0
+    flat = width * max(0, last - max(first, reach) + 1)
+    one_sided = ramp + flat
+    return float(one_sided) if causal else float(2 * one_sided - nq)
 
 
 def group_queries(q: Tensor, kv_heads: int) -> Tensor:

@@ -24,6 +24,7 @@ from transformer_comparison.attention.base import (
     rotate_qk,
     ungroup,
 )
+from transformer_comparison.attention.bias import offsets, position_bias
 from transformer_comparison.attention.registry import register_attention
 from transformer_comparison.position.rope import Rotary
 
@@ -33,26 +34,25 @@ def dense_scores(q: Tensor, k: Tensor, causal: bool, alibi_slopes: Tensor | None
     kv_heads, nq, nk = k.shape[1], q.shape[-2], k.shape[-2]
     q5 = group_queries(q, kv_heads)
     scores = grouped_matmul(q5, k.transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))
-    q_pos, k_pos = query_key_positions(nq, nk, q.device)
-    offset = q_pos[:, None] - k_pos[None, :]
+    if not causal and alibi_slopes is None:
+        return scores
+    offset = offsets(*query_key_positions(nq, nk, q.device))
     slopes = grouped_slopes(alibi_slopes, kv_heads)
-    if slopes is not None:
-        scores = scores - slopes * offset.abs().to(scores.dtype)
-    if causal:
-        scores = scores.masked_fill(offset < 0, float("-inf"))
-    return scores
+    return scores + position_bias(offset, causal=causal, slopes=slopes, dtype=scores.dtype)
 
 
 @register_attention("dot_product")
 class DotProductAttention(AttentionKernel):
     """Materialised softmax attention; no options."""
 
+    display_order = 0  # where it is listed (tables, CLI help)
+
     def __init__(self) -> None:
         pass
 
     def attend(
         self, q: Tensor, k: Tensor, v: Tensor, *, causal: bool, alibi_slopes: Tensor | None,
-        rope: Rotary | None, need_entropy: bool,
+        rope: Rotary | None, need_entropy: bool, **extra: Tensor,
     ) -> tuple[Tensor, Tensor | None]:
         q, k = rotate_qk(q, k, rope)
         scores = dense_scores(q, k, causal, alibi_slopes)

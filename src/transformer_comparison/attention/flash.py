@@ -33,13 +33,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from transformer_comparison.attention.base import AttentionKernel, check_positive_int, rotate_qk
+from transformer_comparison.attention.bias import position_bias
 from transformer_comparison.attention.registry import register_attention
 from transformer_comparison.position.rope import Rotary
 
@@ -57,15 +60,15 @@ class _Tiling:
     query_offset: int
     block: int
     causal: bool
-    neg_slopes: Tensor | None
+    slopes: Tensor | None
 
     @classmethod
     def build(cls, q: Tensor, k: Tensor, alibi_slopes: Tensor | None, causal: bool, block: int) -> _Tiling:
         batch, heads, nq, _ = q.shape
         kv_heads, nk = k.shape[1], k.shape[2]
         groups = heads // kv_heads
-        neg_slopes = None if alibi_slopes is None else -alibi_slopes.view(kv_heads, 1, groups, 1)
-        return cls(batch, kv_heads, groups, nk - nq, block, causal, neg_slopes)
+        slopes = None if alibi_slopes is None else alibi_slopes.view(kv_heads, 1, groups, 1)
+        return cls(batch, kv_heads, groups, nk - nq, block, causal, slopes)
 
     def query_blocks(self, nq: int) -> list[tuple[int, int]]:
         return [(start, min(start + self.block, nq)) for start in range(0, nq, self.block)]
@@ -85,17 +88,14 @@ class _Tiling:
     def scores(self, q_rows: Tensor, k_block: Tensor, q_start: int, k_start: int, diagonal: bool) -> Tensor:
         """Biased, masked scores of one tile, (B*KV, nq_block*G, nk_block); q_rows is pre-scaled."""
         scores = q_rows @ k_block.mT
-        if self.neg_slopes is None and not diagonal:
+        if self.slopes is None and not diagonal:
             return scores
         n_rows, n_keys = q_rows.shape[1] // self.groups, k_block.shape[1]
         q_pos = torch.arange(n_rows, device=scores.device) + (self.query_offset + q_start)
         k_pos = torch.arange(k_start, k_start + n_keys, device=scores.device)
         offset = (q_pos[:, None] - k_pos[None, :])[:, None, :]  # (n_rows, 1, n_keys), broadcast over G
         grouped = scores.view(self.batch, self.kv_heads, n_rows, self.groups, n_keys)
-        if self.neg_slopes is not None:
-            grouped.addcmul_(self.neg_slopes, offset.abs().to(scores.dtype))
-        if diagonal:
-            grouped.masked_fill_(offset < 0, float("-inf"))
+        grouped.add_(position_bias(offset, causal=diagonal, slopes=self.slopes, dtype=scores.dtype))
         return scores
 
 
@@ -261,7 +261,9 @@ class FlashAttention(AttentionKernel):
     use_sdpa: dispatch to torch's fused scaled_dot_product_attention where it is exact (see module doc).
     """
 
-    def __init__(self, *, block_size: int = DEFAULT_BLOCK_SIZE, use_sdpa: bool = False) -> None:
+    display_order = 5  # where it is listed (tables, CLI help)
+
+    def __init__(self, *, block_size: Annotated[int, Field(ge=1)] = DEFAULT_BLOCK_SIZE, use_sdpa: bool = False) -> None:
         self.block_size = check_positive_int("block_size", block_size, "flash")
         if not isinstance(use_sdpa, bool):
             raise ValueError(f"flash: use_sdpa must be True or False, got {use_sdpa!r}")
@@ -269,7 +271,7 @@ class FlashAttention(AttentionKernel):
 
     def attend(
         self, q: Tensor, k: Tensor, v: Tensor, *, causal: bool, alibi_slopes: Tensor | None,
-        rope: Rotary | None, need_entropy: bool,
+        rope: Rotary | None, need_entropy: bool, **extra: Tensor,
     ) -> tuple[Tensor, Tensor | None]:
         q, k = rotate_qk(q, k, rope)
         if self.use_sdpa and _sdpa_applies(q.shape[2], k.shape[2], alibi_slopes is not None, need_entropy):

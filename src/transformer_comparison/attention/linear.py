@@ -45,10 +45,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
-from typing import Callable
+from typing import Annotated, Callable, Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import Tensor
 
 from transformer_comparison.attention.base import (
@@ -62,7 +63,7 @@ from transformer_comparison.attention.base import (
 )
 from transformer_comparison.attention.cache import DecodeCache
 from transformer_comparison.attention.registry import register_attention
-from transformer_comparison.position.rope import Rotary, rope_cos_sin, rotate
+from transformer_comparison.position.rope import Rotary, rotate
 
 
 def elu_feature_map(x: Tensor) -> Tensor:
@@ -184,7 +185,7 @@ def _denominator_entropy(fq: Tensor, fk: Tensor, causal: bool, slopes: Tensor | 
 def _rotate_features(fq: Tensor, fk: Tensor, rope: Rotary) -> tuple[Tensor, Tensor]:
     """RoPE on the feature-mapped queries and keys, both at the key positions (queries are aligned)."""
     _, positions = rope.positions(fk.shape[-2], fk.shape[-2], fk.device)
-    cos, sin = rope_cos_sin(positions, fk.shape[-1], rope.base, fk.dtype)
+    cos, sin = rope.cos_sin(positions, fk.shape[-1], fk.dtype)
     return rotate(fq, cos, sin), rotate(fk, cos, sin)
 
 
@@ -195,7 +196,12 @@ class LinearAttention(AttentionKernel):
     feature_map: the name of phi; only "elu" exists. eps: floor of the normaliser sum_j w_ij.
     """
 
-    def __init__(self, *, chunk_size: int = 64, feature_map: str = "elu", eps: float = 1e-6) -> None:
+    display_order = 1  # where it is listed (tables, CLI help)
+
+    def __init__(
+        self, *, chunk_size: Annotated[int, Field(ge=1)] = 64, feature_map: Literal["elu"] = "elu",
+        eps: Annotated[float, Field(gt=0)] = 1e-6,
+    ) -> None:
         self.chunk_size = check_positive_int("chunk_size", chunk_size, "linear")
         if feature_map not in FEATURE_MAPS:
             raise ValueError(f"linear: unknown feature_map {feature_map!r}; valid: {', '.join(FEATURE_MAPS)}")
@@ -204,9 +210,13 @@ class LinearAttention(AttentionKernel):
             raise ValueError(f"linear: eps must be a positive finite number, got {eps!r}")
         self.eps = float(eps)
 
+    def flops(self, *, batch: int, heads: int, nq: int, nk: int, head_dim: int, causal: bool) -> float:
+        """phi(k)^T v into the d x d state and phi(q) times the state: 2 x 2 d^2 FLOPs per token."""
+        return 4.0 * batch * heads * nq * head_dim * head_dim
+
     def attend(
         self, q: Tensor, k: Tensor, v: Tensor, *, causal: bool, alibi_slopes: Tensor | None,
-        rope: Rotary | None, need_entropy: bool,
+        rope: Rotary | None, need_entropy: bool, **extra: Tensor,
     ) -> tuple[Tensor, Tensor | None]:
         heads, nq = q.shape[1], q.shape[2]
         kv_heads, nk = k.shape[1], k.shape[2]
@@ -238,7 +248,7 @@ class LinearAttention(AttentionKernel):
 
     def decode(
         self, q: Tensor, k: Tensor, v: Tensor, cache: DecodeCache, *,
-        alibi_slopes: Tensor | None = None, rope: Rotary | None = None,
+        alibi_slopes: Tensor | None = None, rope: Rotary | None = None, **extra: Tensor,
     ) -> Tensor:
         """Causal linear attention of n new tokens given the state of all earlier ones, then fold them in.
 
@@ -259,7 +269,7 @@ class LinearAttention(AttentionKernel):
         rq, rk = fq, fk
         if rope is not None:
             _, positions = replace(rope, offset=cache.position).positions(n, n, q.device)
-            cos, sin = rope_cos_sin(positions, q.shape[-1], rope.base, q.dtype)
+            cos, sin = rope.cos_sin(positions, q.shape[-1], q.dtype)
             rq, rk = rotate(fq, cos, sin), rotate(fk, cos, sin)
         state = cache.initial(fk, v, heads // kv_heads if slopes is not None else 1)
         if n == 1:  # update, then read out: the whole step is O(d^2) per head

@@ -31,13 +31,22 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from pydantic import Field
 from torch.autograd.function import once_differentiable
 
-from transformer_comparison.attention.base import AttentionKernel, check_positive_int, grouped_slopes, rotate_qk
+from transformer_comparison.attention.base import (
+    AttentionKernel,
+    check_positive_int,
+    grouped_slopes,
+    rotate_qk,
+    visible_pairs,
+)
+from transformer_comparison.attention.bias import position_bias
 from transformer_comparison.attention.cache import DecodeCache, KVCache
 from transformer_comparison.attention.dot_product import DotProductAttention
 from transformer_comparison.attention.registry import register_attention
@@ -51,10 +60,16 @@ CHUNK_SCORES = 2**20  # band scores computed at once (4 MiB in float32): the uni
 class LocalAttention(AttentionKernel):
     """Sliding-window causal attention; `window` keys per query, the query's own included."""
 
+    display_order = 3  # where it is listed (tables, CLI help)
+
     supports_non_causal = False
 
-    def __init__(self, *, window: int = 128) -> None:
+    def __init__(self, *, window: Annotated[int, Field(ge=1)] = 32) -> None:
         self.window = check_positive_int("window", window, "local attention")
+
+    def flops(self, *, batch: int, heads: int, nq: int, nk: int, head_dim: int, causal: bool) -> float:
+        """2 matmuls of 2 d FLOPs per (query, key) pair inside the window."""
+        return 4.0 * batch * heads * head_dim * visible_pairs(nq, nk, self.window, True)
 
     def new_cache(self) -> KVCache:
         """A cache of the last window - 1 keys: with the next token's own, all that a query sees."""
@@ -62,7 +77,7 @@ class LocalAttention(AttentionKernel):
 
     def decode(
         self, q: Tensor, k: Tensor, v: Tensor, cache: DecodeCache, *,
-        alibi_slopes: Tensor | None = None, rope: Rotary | None = None,
+        alibi_slopes: Tensor | None = None, rope: Rotary | None = None, **extra: Tensor,
     ) -> Tensor:
         """As the default; one new token over a cache bounded to window - 1 keys is dense attention."""
         bounded = isinstance(cache, KVCache) and cache.max_keys is not None and cache.max_keys < self.window
@@ -71,7 +86,7 @@ class LocalAttention(AttentionKernel):
 
     def attend(
         self, q: Tensor, k: Tensor, v: Tensor, *, causal: bool, alibi_slopes: Tensor | None,
-        rope: Rotary | None, need_entropy: bool,
+        rope: Rotary | None, need_entropy: bool, **extra: Tensor,
     ) -> tuple[Tensor, Tensor | None]:
         heads, nq, head_dim = q.shape[1:]
         kv_heads, nk = k.shape[1], k.shape[2]
@@ -124,13 +139,11 @@ class Bands:
         and -inf outside it, the same for every band."""
         t = torch.arange(self.block, device=device)[:, None]
         c = torch.arange(self.span, device=device)[None, :]
-        distance = self.reach * self.block + t - c
-        hidden = (distance < 0) | (distance >= self.window)
+        distance = self.reach * self.block + t - c  # p_i - j inside a band
+        bias = position_bias(distance, causal=True, slopes=slopes, window=self.window, dtype=dtype)
         if slopes is None:
-            bias = torch.zeros(hidden.shape, dtype=dtype, device=device).masked_fill(hidden, float("-inf"))
             return bias.repeat(self.group, 1)
-        bias = (-slopes * distance.to(dtype)).masked_fill(hidden, float("-inf"))  # (KV, G, block, span)
-        return bias.flatten(1, 2).unsqueeze(1)
+        return bias.flatten(1, 2).unsqueeze(1)  # (KV, G, block, span) -> (KV, 1, G * block, span)
 
     def padding(self, bands: slice, device: torch.device) -> Tensor:
         """(len(bands), 1, span): where these bands read the zero keys padded before position 0."""

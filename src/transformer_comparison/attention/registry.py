@@ -1,49 +1,56 @@
-"""Mechanisms looked up by name: adding one is adding a file with `@register_attention("name")`."""
+"""Mechanisms looked up by name: adding one is adding a file with `@register_attention("name")`.
+
+Every module of this package is imported on first lookup, so a new file registers itself without
+being listed anywhere; mechanisms from other installed packages join through the entry-point group
+`transformer_comparison.attention` (docs/architecture.md, "Adding a mechanism"):
+
+    # the other package's pyproject.toml
+    [project.entry-points."transformer_comparison.attention"]
+    my_mechanism = "my_package.my_module"      # a module that calls @register_attention("my_mechanism")
+
+Options are the keyword-only parameters of the kernel's `__init__` (see `transformer_comparison.registry`).
+"""
 
 from __future__ import annotations
 
-import inspect
 from typing import Any, Callable, TypeVar
 
 from transformer_comparison.attention.base import AttentionKernel
+from transformer_comparison.registry import Registry
 
-_REGISTRY: dict[str, type[AttentionKernel]] = {}
+ENTRY_POINT_GROUP = "transformer_comparison.attention"
+MECHANISMS: Registry[AttentionKernel] = Registry("attention", "transformer_comparison.attention", ENTRY_POINT_GROUP)
 KernelClass = TypeVar("KernelClass", bound=type[AttentionKernel])
 
 
 def register_attention(name: str) -> Callable[[KernelClass], KernelClass]:
-    def decorate(cls: KernelClass) -> KernelClass:
-        if name in _REGISTRY:
-            raise ValueError(f"attention mechanism {name!r} is registered twice")
-        cls.name = name
-        _REGISTRY[name] = cls
-        return cls
+    """Class decorator registering an `AttentionKernel` subclass as `name`."""
+    return MECHANISMS.register(name)  # type: ignore[return-value]
 
-    return decorate
+
+def discover() -> None:
+    MECHANISMS.discover()
 
 
 def registered_names() -> tuple[str, ...]:
-    return tuple(_REGISTRY)
-
-
-def kernel_options(name: str) -> dict[str, Any]:
-    """The construction options of a mechanism and their defaults, e.g. {'window': 128}."""
-    cls = kernel_class(name)
-    params = inspect.signature(cls.__init__).parameters
-    return {key: p.default for key, p in params.items() if key != "self" and p.kind is p.KEYWORD_ONLY}
+    """Every registered mechanism, in registration order."""
+    return MECHANISMS.names()
 
 
 def kernel_class(name: str) -> type[AttentionKernel]:
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown attention mechanism {name!r}; valid: {', '.join(_REGISTRY)}")
-    return _REGISTRY[name]
+    return MECHANISMS.get(name)
+
+
+def kernel_options(name: str) -> dict[str, Any]:
+    """The construction options of a mechanism and their defaults, e.g. {'window': 32}."""
+    return MECHANISMS.defaults(name)
+
+
+def options_model(name: str) -> type:
+    """The pydantic model of a mechanism's options (types, bounds, defaults from its __init__)."""
+    return MECHANISMS.options_model(name)
 
 
 def build_attention(name: str, **options: Any) -> AttentionKernel:
     """Construct a mechanism by name with its options fixed, e.g. build_attention("local", window=128)."""
-    valid = kernel_options(name)
-    unknown = sorted(set(options) - set(valid))
-    if unknown:
-        allowed = ", ".join(valid) or "none"
-        raise ValueError(f"{name} attention has no option {', '.join(unknown)}; valid options: {allowed}")
-    return _REGISTRY[name](**options)
+    return MECHANISMS.build(name, **options)

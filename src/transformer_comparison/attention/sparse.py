@@ -20,8 +20,10 @@ the kept keys are the top_k of the biased scores. Entropy is that of the kept di
 from __future__ import annotations
 
 import math
+from typing import Annotated
 
 import torch
+from pydantic import Field
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
@@ -35,7 +37,9 @@ from transformer_comparison.attention.base import (
     query_key_positions,
     rotate_qk,
     ungroup,
+    visible_pairs,
 )
+from transformer_comparison.attention.bias import offsets, position_bias
 from transformer_comparison.attention.registry import register_attention
 from transformer_comparison.position.rope import Rotary
 
@@ -44,13 +48,22 @@ from transformer_comparison.position.rope import Rotary
 class TopKAttention(AttentionKernel):
     """Softmax over the `top_k` best-scoring visible keys of each query, `query_chunk` queries at a time."""
 
-    def __init__(self, *, top_k: int = 32, query_chunk: int = 256) -> None:
+    display_order = 2  # where it is listed (tables, CLI help)
+
+    def __init__(
+        self, *, top_k: Annotated[int, Field(ge=1)] = 16, query_chunk: Annotated[int, Field(ge=1)] = 256
+    ) -> None:
         self.top_k = check_positive_int("top_k", top_k, "sparse attention")
         self.query_chunk = check_positive_int("query_chunk", query_chunk, "sparse attention")
 
+    def flops(self, *, batch: int, heads: int, nq: int, nk: int, head_dim: int, causal: bool) -> float:
+        """Every visible score (2 d per pair) for the selection, then P V over the kept top_k (2 d each)."""
+        bh = batch * heads
+        return 2.0 * bh * head_dim * (visible_pairs(nq, nk, nk, causal) + visible_pairs(nq, nk, self.top_k, causal))
+
     def attend(
         self, q: Tensor, k: Tensor, v: Tensor, *, causal: bool, alibi_slopes: Tensor | None,
-        rope: Rotary | None, need_entropy: bool,
+        rope: Rotary | None, need_entropy: bool, **extra: Tensor,
     ) -> tuple[Tensor, Tensor | None]:
         q, k = rotate_qk(q, k, rope)
         nq, nk, kv_heads = q.shape[2], k.shape[2], k.shape[1]
@@ -77,7 +90,10 @@ class TopKAttention(AttentionKernel):
     ) -> tuple[Tensor, Tensor | None]:
         """Grouped, pre-scaled queries (B, KV, G, c, D) over keys (B, KV, nk, D) -> (B, KV, G, c, D)."""
         with torch.no_grad():
-            scores = bias_(grouped_matmul(q5, k.transpose(-1, -2)), q_positions, causal, slopes)  # (B, KV, G, c, nk)
+            scores = grouped_matmul(q5, k.transpose(-1, -2))  # (B, KV, G, c, nk)
+            if causal or slopes is not None:
+                offset = offsets(q_positions, torch.arange(k.shape[2], device=k.device))
+                scores.add_(position_bias(offset, causal=causal, slopes=slopes, dtype=scores.dtype))
             best, index = select_top_k(scores, min(self.top_k, k.shape[2]))  # -inf where fewer keys were visible
         kept = SelectedScores.apply(best, index, q5, k)
         probs = torch.softmax(kept, dim=-1)
@@ -138,13 +154,3 @@ def select_top_k(scores: Tensor, top_k: int) -> tuple[Tensor, Tensor]:
 def scatter_dense(values: Tensor, index: Tensor, nk: int) -> Tensor:
     """(..., m) values at (..., m) distinct indices -> (..., nk), zero elsewhere."""
     return values.new_zeros(*values.shape[:-1], nk).scatter_(-1, index, values)
-
-
-def bias_(scores: Tensor, q_positions: Tensor, causal: bool, slopes: Tensor | None) -> Tensor:
-    """In place on scores (B, KV, G, c, nk): add ALiBi's -m |p_i - j| and hide the keys j > p_i when causal."""
-    offset = q_positions[:, None] - torch.arange(scores.shape[-1], device=scores.device)
-    if slopes is not None:
-        scores.sub_(slopes * offset.abs().to(scores.dtype))
-    if causal:
-        scores.masked_fill_(offset < 0, float("-inf"))
-    return scores

@@ -140,7 +140,7 @@ def load_model(case: dict[str, Any]) -> Any:
     """The case's model in eval mode on its device: trained weights with a run, else seeded random ones."""
     from transformer_comparison.checkpoint import load_checkpoint
     from transformer_comparison.config import validate_config
-    from transformer_comparison.train import build_model
+    from transformer_comparison.model import build_model
 
     torch.manual_seed(0)
     model = build_model(validate_config(case["config"]), case["vocab_size"])

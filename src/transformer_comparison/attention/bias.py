@@ -1,0 +1,43 @@
+"""The score rule every softmax kernel shares, written once (in the spirit of attention-gym's
+score_mod / mask_mod): the additive bias of query i over key j, from their offset o = p_i - j.
+
+    bias_ij = -m_h |o_ij|   (ALiBi, Press et al. 2022; 0 without slopes)
+            = -inf          where the key is hidden: o < 0 when causal, o >= window for a window
+
+dot_product and sparse add it to their (chunk of) dense scores, flash to each tile it computes, local
+to each band, and the benchmark hands it to torch's SDPA as `attn_mask`. Adding the bias is exactly
+`scores - m |o|` in IEEE arithmetic, so every kernel computes the same biased scores.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def offsets(q_positions: Tensor, k_positions: Tensor) -> Tensor:
+    """o_ij = p_i - j, (nq, nk), for absolute query and key positions."""
+    return q_positions[:, None] - k_positions[None, :]
+
+
+def position_bias(
+    offset: Tensor, *, causal: bool, slopes: Tensor | None = None, window: int | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """The additive bias for offsets o (any shape ending in (nq, nk)); `slopes` broadcast against o
+    from the left (e.g. (KV, G, 1, 1) for grouped scores). Hidden keys get -inf."""
+    if slopes is None:
+        bias = torch.zeros(offset.shape, dtype=dtype, device=offset.device)
+    else:
+        bias = -(slopes.to(dtype) * offset.abs().to(dtype))
+    hidden = hidden_keys(offset, causal=causal, window=window)
+    return bias if hidden is None else bias.masked_fill(hidden, float("-inf"))
+
+
+def hidden_keys(offset: Tensor, *, causal: bool, window: int | None = None) -> Tensor | None:
+    """Where a key is invisible to a query: in the future when causal, beyond the window; None: nowhere."""
+    hidden = offset < 0 if causal else None
+    if window is not None:
+        too_far = offset >= window
+        hidden = too_far if hidden is None else hidden | too_far
+    return hidden
