@@ -22,7 +22,8 @@ from transformer_comparison.evaluate import (
 from transformer_comparison.generate import load_run
 from transformer_comparison.model import GPT, GPTConfig
 from transformer_comparison.position import POSITION_TYPES
-from transformer_comparison.train import Runtime, evaluate, validation_windows
+from transformer_comparison.runtime import Runtime
+from transformer_comparison.validation import evaluate, validation_windows
 
 CONTEXT = 16
 

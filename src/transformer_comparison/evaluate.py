@@ -152,7 +152,7 @@ def window_plan(num_tokens: int, length: int, stride: int | None = None, max_win
 @torch.no_grad()
 def score_windows(model: torch.nn.Module, tokens: np.ndarray, plan: WindowPlan, batch_size: int, device: torch.device) -> float:
     """Mean next-token loss (nats) over the scored targets of `plan`; the model is put in eval mode."""
-    from transformer_comparison.train import windows_to_batch
+    from transformer_comparison.validation import windows_to_batch
 
     if plan.num_windows == 0:
         raise ValueError("score_windows needs at least one window")

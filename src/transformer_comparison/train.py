@@ -1,18 +1,20 @@
 """`tcompare train`: train a GPT for one attention mechanism x positional encoding.
 
-Flat on purpose, like nanoGPT's train.py: set up, then one loop. Every batch is a pure function of
-(seed, step, micro-step), and the checkpoint holds model, optimiser and RNG state, so `--resume`
-reaches exactly the result of an uninterrupted run. Single process or DDP under torchrun.
+Flat on purpose, like nanoGPT's train.py: check everything, set up, then one loop that calls
+`train_step`, `evaluate_now` and `save_training_checkpoint`. Every batch is a pure function of
+(seed, step, micro-step), and the checkpoint holds model, optimiser, loss-scaler and RNG state, so
+`--resume` reaches exactly the result of an uninterrupted run. Single process or DDP under torchrun.
+
+Order of work (docs/guarantees.md): validate the config, data, resume and memory before anything
+is written; lock the run directory (one writer at a time); write; train. A new run that fails
+before its first step is removed again (an --overwrite'n run restored).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import math
-import os
-import resource
 import signal
 import sys
 import time
@@ -26,37 +28,42 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from transformer_comparison.attention import ATTENTION_TYPES
-from transformer_comparison.checkpoint import load_checkpoint, save_checkpoint
-from transformer_comparison.config import Config, kernel_options_for, kv_heads_for, load_config, save_config
-from transformer_comparison.data import prepare_data
+from transformer_comparison.artifacts.run import EvalRecord, MetricRecord, RunSummary, TrainRecord
+from transformer_comparison.attention import registered_names
+from transformer_comparison.checkpoint import save_checkpoint
+from transformer_comparison.config import Config, kv_heads_for, load_config
+from transformer_comparison.data import PreparedData
 from transformer_comparison.errors import UserError
-from transformer_comparison.model import GPT, GPTConfig
-from transformer_comparison.numerics import flush_subnormals
-from transformer_comparison.position import POSITION_TYPES
+from transformer_comparison.model import GPT, build_model
+from transformer_comparison.position import position_names
+from transformer_comparison.resources import MemoryEstimate, is_out_of_memory
+from transformer_comparison.resume import config_hash, flat_config
+from transformer_comparison.run_dir import RunDir, check_run_path, contents, is_run_directory
+from transformer_comparison.runtime import Runtime, StepMemory, autocast, grad_scaler, peak_rss_bytes, setup_runtime
+from transformer_comparison.training_plan import Plan, plan_training, write_new_run, write_resumed_run
+from transformer_comparison.validation import attention_entropy, evaluate
 from transformer_comparison.wandb_logging import WandbLogger
 
-EVAL_BATCH_WINDOWS = 64  # validation windows per forward pass
-ENTROPY_PROBE_WINDOWS = 8  # validation windows of the fixed attention-entropy probe
 EXIT_INTERRUPTED = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, help="YAML config (configs/config.yaml documents every key)")
-    parser.add_argument("--attention_type", choices=ATTENTION_TYPES, help="overrides attention.type")
-    parser.add_argument("--position_embedding", choices=POSITION_TYPES, help="overrides position.type")
+    parser.add_argument("--attention_type", choices=registered_names(), help="overrides attention.type")
+    parser.add_argument("--position_embedding", choices=position_names(), help="overrides position.type")
     parser.add_argument("--out", type=Path, help="run directory (default runs/<date>-<attention>-<position>)")
     parser.add_argument("--resume", type=Path, metavar="DIR", help="continue the run in DIR to its configured end")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    parser.add_argument("--overwrite", action="store_true", help="replace the run in an existing run directory")
     parser.add_argument("--wandb_group", help="W&B group (tcompare compare sets one per comparison)")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="dotted config overrides")
 
 
 def run(args: argparse.Namespace) -> int:
     if args.resume is not None:
-        if args.config or args.attention_type or args.position_embedding or args.out:
+        if args.config or args.attention_type or args.position_embedding or args.out or args.overwrite:
             raise UserError("--resume continues a run with its own config; pass only section.key=value overrides")
         run_dir = args.resume
+        check_run_path(run_dir, "--resume")
         if not (run_dir / "config.yaml").is_file():
             raise UserError(f"cannot resume {run_dir}: it holds no config.yaml of a tcompare run")
         cfg = load_config(run_dir / "config.yaml", args.overrides)
@@ -65,8 +72,11 @@ def run(args: argparse.Namespace) -> int:
             raise UserError("give --config FILE (or --resume DIR)")
         cfg = load_config(args.config, args.overrides, args.attention_type, args.position_embedding)
         run_dir = args.out or default_run_dir(cfg)
-        if run_dir.exists() and any(run_dir.iterdir()) and not args.overwrite:
+        check_run_path(run_dir)
+        if contents(run_dir) and not args.overwrite:  # checked again under the lock; this saves preparing data
             raise UserError(f"run directory {run_dir} already exists; use --resume {run_dir}, --overwrite, or another --out")
+        if contents(run_dir) and not is_run_directory(run_dir):
+            raise UserError(f"--overwrite replaces only run directories, and {run_dir} is not one; choose another --out")
     return train(cfg, run_dir, resume=args.resume is not None, overwrite=args.overwrite, wandb_group=args.wandb_group)
 
 
@@ -76,65 +86,7 @@ def default_run_dir(cfg: Config) -> Path:
 
 
 # ----------------------------------------------------------------------------------------------
-# set-up helpers
-
-
-@dataclass
-class Runtime:
-    device: torch.device
-    rank: int
-    world_size: int
-    autocast_dtype: torch.dtype | None
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def setup_runtime(cfg: Config) -> Runtime:
-    """Pick the device, start DDP when launched by torchrun, choose autocast (bf16 on GPU), flush subnormals."""
-    flush_subnormals()
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    requested = cfg.training.device
-    if requested == "auto":
-        requested = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    device = torch.device(requested)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError("training.device=cuda but no CUDA device is available; valid here: auto, cpu")
-        if world_size > 1:
-            device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise UserError("training.device=mps but MPS is not available; valid here: auto, cpu")
-    if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    dtype_name = cfg.training.dtype
-    if dtype_name == "auto":
-        dtype_name = "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
-    autocast_dtype = None if dtype_name == "float32" else getattr(torch, dtype_name)
-    return Runtime(device, rank, world_size, autocast_dtype)
-
-
-def build_model(cfg: Config, vocab_size: int) -> GPT:
-    return GPT(
-        GPTConfig(
-            vocab_size=vocab_size,
-            context_length=cfg.model.context_length,
-            d_model=cfg.model.d_model,
-            num_heads=cfg.model.num_heads,
-            num_layers=cfg.model.num_layers,
-            num_kv_heads=kv_heads_for(cfg),
-            dropout=cfg.model.dropout,
-            bias=cfg.model.bias,
-            attention_type=cfg.attention.type,
-            attention_options=kernel_options_for(cfg),
-            position_embedding=cfg.position.type,
-            rope_base=cfg.position.rope_base,
-        )
-    )
+# the pieces of a step
 
 
 def make_optimizer(model: GPT, cfg: Config, device: torch.device) -> torch.optim.AdamW:
@@ -155,14 +107,6 @@ def learning_rate(step: int, cfg: Config, max_steps: int) -> float:
     return t.min_learning_rate + 0.5 * (1.0 + math.cos(math.pi * progress)) * (t.learning_rate - t.min_learning_rate)
 
 
-def total_steps(cfg: Config, train_tokens: int) -> int:
-    t = cfg.training
-    if t.max_steps is not None:
-        return t.max_steps
-    tokens_per_step = t.batch_size * t.gradient_accumulation_steps * cfg.model.context_length
-    return max(1, math.ceil(t.num_epochs * train_tokens / tokens_per_step))
-
-
 def training_batch(tokens: np.ndarray, cfg: Config, step: int, micro: int, rt: Runtime) -> tuple[torch.Tensor, torch.Tensor]:
     """The batch of (step, micro-step): a pure function of the seed, so resumed runs see the same data.
 
@@ -175,114 +119,188 @@ def training_batch(tokens: np.ndarray, cfg: Config, step: int, micro: int, rt: R
     return windows[:, :-1].to(rt.device), windows[:, 1:].to(rt.device)
 
 
-def validation_windows(tokens: np.ndarray, cfg: Config) -> np.ndarray:
-    """Start offsets of the fixed validation windows: all non-overlapping context windows, or a fixed sample."""
-    ctx = cfg.model.context_length
-    starts = np.arange((len(tokens) - 1) // ctx) * ctx
-    if len(starts) == 0:
-        raise UserError(f"the validation split ({len(tokens)} tokens) is shorter than one context window ({ctx + 1})")
-    if cfg.training.eval_batches is not None:
-        wanted = cfg.training.eval_batches * cfg.training.batch_size
-        if wanted < len(starts):
-            starts = np.sort(np.random.default_rng(cfg.training.seed).choice(starts, wanted, replace=False))
-    return starts
-
-
-def windows_to_batch(tokens: np.ndarray, starts: np.ndarray, ctx: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    windows = torch.from_numpy(tokens[starts[:, None] + np.arange(ctx + 1)].astype(np.int64)).to(device)
-    return windows[:, :-1], windows[:, 1:]
-
-
-def autocast(rt: Runtime) -> contextlib.AbstractContextManager:
-    if rt.autocast_dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=rt.device.type, dtype=rt.autocast_dtype)
-
-
-@torch.no_grad()
-def evaluate(model: GPT, tokens: np.ndarray, starts: np.ndarray, cfg: Config, rt: Runtime) -> float:
-    """Mean next-token loss over the fixed validation windows (sharded over ranks, summed exactly)."""
-    model.eval()
-    ctx = cfg.model.context_length
-    total = torch.zeros(2, dtype=torch.float64, device=rt.device)  # loss sum, window count
-    mine = starts[rt.rank :: rt.world_size]
-    for begin in range(0, len(mine), EVAL_BATCH_WINDOWS):
-        x, y = windows_to_batch(tokens, mine[begin : begin + EVAL_BATCH_WINDOWS], ctx, rt.device)
-        with autocast(rt):
-            _, loss, _ = model(x, y)
-        total += torch.stack((loss.double() * len(x), torch.tensor(float(len(x)), device=rt.device, dtype=torch.float64)))
-    if rt.world_size > 1:
-        dist.all_reduce(total)
-    model.train()
-    return (total[0] / total[1]).item()
-
-
-@torch.no_grad()
-def attention_entropy(model: GPT, tokens: np.ndarray, starts: np.ndarray, cfg: Config, rt: Runtime) -> list[list[float]]:
-    """Mean entropy (nats) over queries of each layer and head, on a fixed validation probe."""
-    model.eval()
-    x, _ = windows_to_batch(tokens, starts[:ENTROPY_PROBE_WINDOWS], cfg.model.context_length, rt.device)
-    with autocast(rt):
-        _, _, entropy = model(x, return_entropy=True)
-    model.train()
-    return entropy.float().mean(dim=(1, 3)).tolist()
-
-
-def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def measured_step_peak(run_step, rt: Runtime, model: torch.nn.Module, optimizer) -> tuple[int, str]:
-    """Run one training step while measuring its peak memory: CUDA allocator statistics on GPU;
-    on CPU, torch's tensor-level MemTracker (parameters, gradients, optimiser state, activations and
-    temporaries), since torch keeps no CPU allocator statistics."""
-    if rt.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(rt.device)
-        run_step()
-        return torch.cuda.max_memory_allocated(rt.device), "cuda max_memory_allocated over a training step"
-    from torch.distributed._tools.mem_tracker import MemTracker
-
-    tracker = MemTracker()
-    tracker.track_external(model, optimizer)
-    with tracker:
-        run_step()
-    peak = tracker.get_tracker_snapshot("peak")
-    return int(sum(per_device["Total"] for per_device in peak.values())), "MemTracker peak tensor bytes over a training step"
-
-
 # ----------------------------------------------------------------------------------------------
-# run-directory helpers
+# state
 
 
-class RunFiles:
-    """The files of a run directory (docs/architecture.md); only rank 0 writes."""
+@dataclass
+class TrainState:
+    """What changes as training goes; the `CARRIED` fields travel in checkpoints."""
 
-    def __init__(self, run_dir: Path, enabled: bool) -> None:
-        self.dir, self.enabled = run_dir, enabled
-        self.checkpoint = run_dir / "checkpoints" / "latest.pt"
-        self.metrics = run_dir / "metrics.jsonl"
+    step: int = 0
+    best_val_loss: float = math.inf
+    val_loss: float = math.nan
+    entropy: list[list[float]] | None = None
+    train_time: float = 0.0  # seconds of training (all processes of the run)
+    step_time: float = 0.0  # seconds of timed steps (the first, memory-measured step of each process excluded)
+    timed_steps: int = 0
+    peak_memory: int = 0
+    peak_method: str = "not measured"
+    wandb_id: str | None = None
 
-    def log(self, record: dict[str, Any]) -> None:
-        if self.enabled:
-            with self.metrics.open("a") as handle:
-                handle.write(json.dumps(record) + "\n")
-
-    def truncate_metrics_after(self, step: int) -> None:
-        """On resume, drop records written after the checkpoint (they will be produced again)."""
-        if not self.enabled or not self.metrics.exists():
-            return
-        kept = [line for line in self.metrics.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-        write_atomic(self.metrics, "".join(line + "\n" for line in kept))
-
-    def write_summary(self, summary: dict[str, Any]) -> None:
-        if self.enabled:
-            write_atomic(self.dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    CARRIED = ("train_time", "step_time", "timed_steps")
 
 
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+@dataclass
+class Session:
+    """What one training process works with, fixed once it is set up."""
+
+    cfg: Config
+    rt: Runtime
+    plan: Plan
+    run: RunDir | None  # None on DDP ranks other than 0: they write nothing
+    model: torch.nn.Module  # what a step calls: compiled and/or DDP-wrapped
+    raw_model: GPT
+    optimizer: torch.optim.AdamW
+    scaler: torch.amp.GradScaler
+    logger: WandbLogger
+
+    @property
+    def data(self) -> PreparedData:
+        return self.plan.data
+
+    @property
+    def max_steps(self) -> int:
+        return self.plan.max_steps
+
+    @property
+    def tokens_per_step(self) -> int:
+        t = self.cfg.training
+        return t.batch_size * t.gradient_accumulation_steps * self.cfg.model.context_length
+
+
+def train_step(s: Session, step: int) -> torch.Tensor:
+    """One optimiser step (all micro-steps); returns the mean loss as a tensor (no host sync)."""
+    lr = learning_rate(step, s.cfg, s.max_steps)
+    for group in s.optimizer.param_groups:
+        group["lr"] = lr
+    accumulation = s.cfg.training.gradient_accumulation_steps
+    step_loss = torch.zeros((), device=s.rt.device)
+    for micro in range(accumulation):
+        x, y = training_batch(s.data.train, s.cfg, step, micro, s.rt)
+        sync = contextlib.nullcontext() if s.rt.world_size == 1 or micro == accumulation - 1 else s.model.no_sync()
+        with sync:
+            with autocast(s.rt):
+                _, loss, _ = s.model(x, y)
+            s.scaler.scale(loss / accumulation).backward()
+        step_loss += loss.detach() / accumulation
+    if s.cfg.training.grad_clip > 0:
+        s.scaler.unscale_(s.optimizer)
+        torch.nn.utils.clip_grad_norm_(s.model.parameters(), s.cfg.training.grad_clip)
+    s.scaler.step(s.optimizer)
+    s.scaler.update()
+    s.optimizer.zero_grad(set_to_none=True)
+    return step_loss
+
+
+def log_record(s: Session, record: MetricRecord) -> None:
+    if s.run is not None:
+        s.run.append_metric(record)
+    s.logger.log(record.model_dump())
+
+
+def log_training(s: Session, state: TrainState, loss_value: float, window_steps: int, elapsed: float) -> TrainRecord:
+    record = TrainRecord(
+        step=state.step,
+        elapsed_seconds=round(state.train_time, 3),
+        train_loss=loss_value,
+        lr=s.optimizer.param_groups[0]["lr"],
+        tokens_per_second=s.tokens_per_step * window_steps / elapsed,
+        step_time_ms=1000 * elapsed / max(1, window_steps),
+    )
+    log_record(s, record)
+    return record
+
+
+def evaluate_now(s: Session, state: TrainState) -> None:
+    """Validation loss and attention entropy at the current step, logged."""
+    state.val_loss = evaluate(s.model, s.data.val, s.plan.val_starts, s.cfg, s.rt)
+    state.best_val_loss = min(state.best_val_loss, state.val_loss)
+    state.entropy = attention_entropy(s.raw_model, s.data.val, s.plan.val_starts, s.cfg, s.rt)
+    log_record(s, EvalRecord(step=state.step, elapsed_seconds=round(state.train_time, 3), val_loss=state.val_loss,
+                             val_perplexity=math.exp(state.val_loss), attention_entropy=state.entropy))
+
+
+def save_training_checkpoint(s: Session, state: TrainState) -> None:
+    """checkpoints/latest.pt with everything a resume needs, tagged with the run's identity."""
+    if s.run is None:
+        return
+    training_state = {
+        "model": s.raw_model.state_dict(),
+        "optimizer": s.optimizer.state_dict(),
+        "scaler": s.scaler.state_dict(),
+        "rng_cpu": torch.get_rng_state(),
+        "rng_cuda": torch.cuda.get_rng_state(s.rt.device) if s.rt.device.type == "cuda" else None,
+        "step": state.step,
+        "best_val_loss": state.best_val_loss,
+        "wandb_id": s.logger.run_id,
+        **{key: getattr(state, key) for key in TrainState.CARRIED},
+    }
+    save_checkpoint(training_state, s.run.checkpoint, s.plan.identity.run_id, s.plan.identity.config_hash,
+                    flat_config(s.cfg))
+    s.run.drop_replaced()
+
+
+def restore(s: Session, state: TrainState, checkpoint: dict[str, Any]) -> None:
+    """Load a verified checkpoint into the model, optimiser, scaler, RNG and state."""
+    try:
+        s.raw_model.load_state_dict(checkpoint["model"])
+        s.optimizer.load_state_dict(checkpoint["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as error:
+        raise UserError(f"the checkpoint in {s.plan.run_dir} does not fit its config ({str(error).splitlines()[0][:200]})") from None
+    if checkpoint.get("scaler"):
+        s.scaler.load_state_dict(checkpoint["scaler"])
+    torch.set_rng_state(checkpoint["rng_cpu"])
+    if s.rt.device.type == "cuda" and checkpoint.get("rng_cuda") is not None:
+        torch.cuda.set_rng_state(checkpoint["rng_cuda"], s.rt.device)
+    state.step, state.best_val_loss, state.wandb_id = checkpoint["step"], checkpoint["best_val_loss"], checkpoint.get("wandb_id")
+    for key in TrainState.CARRIED:
+        setattr(state, key, checkpoint[key])
+
+
+def summarise(s: Session, state: TrainState, status: str, error: str | None = None) -> RunSummary:
+    step_time = state.step_time / max(1, state.timed_steps)
+    return RunSummary(
+        status=status,
+        error=error,
+        attention_type=s.cfg.attention.type,
+        position_embedding=s.cfg.position.type,
+        seed=s.cfg.training.seed,
+        final_val_loss=state.val_loss,
+        final_val_perplexity=math.exp(state.val_loss) if math.isfinite(state.val_loss) else None,
+        best_val_loss=state.best_val_loss,
+        tokens_per_second=s.tokens_per_step / step_time if step_time else None,
+        step_time_ms=1000 * step_time,
+        peak_memory_bytes=state.peak_memory,
+        peak_memory_method=state.peak_method,
+        peak_rss_bytes=peak_rss_bytes(),
+        train_time_seconds=state.train_time,
+        attention_entropy=state.entropy,
+        mean_attention_entropy=float(np.mean(state.entropy)) if state.entropy else None,
+        num_parameters=s.raw_model.num_parameters(),
+        num_kv_heads=kv_heads_for(s.cfg),
+        flops_per_token=s.raw_model.flops_per_token(),
+        world_size=s.rt.world_size,
+        steps=state.step,
+        max_steps=s.max_steps,
+        tokens_seen=state.step * s.tokens_per_step,
+        device=str(s.rt.device),
+        torch_version=torch.__version__,
+        dataset=s.data.fingerprint,
+        run_id=s.plan.identity.run_id,
+        config_hash=s.plan.identity.config_hash,
+    )
+
+
+def finish(s: Session, state: TrainState, status: str, error: str | None = None) -> None:
+    """summary.json (never replacing a completed one with a worse-informed one), W&B, DDP teardown."""
+    summary = summarise(s, state, status, error)
+    if s.run is not None:
+        s.run.write_summary(summary)
+        s.run.drop_replaced()
+    s.logger.finish(summary.model_dump())
+    if s.rt.world_size > 1:
+        dist.destroy_process_group()
 
 
 class StopRequest:
@@ -300,10 +318,44 @@ class StopRequest:
 
     def agreed(self, rt: Runtime) -> bool:
         """Whether to stop; under DDP every rank stops at the same step."""
+        if rt.world_size == 1:
+            return self.signum is not None
         flag = torch.tensor(float(self.signum is not None), device=rt.device)
-        if rt.world_size > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
+
+
+# ----------------------------------------------------------------------------------------------
+# set-up
+
+
+def start_session(cfg: Config, rt: Runtime, plan: Plan, run: RunDir | None, wandb_group: str | None) -> tuple[Session, TrainState]:
+    """Build the model and optimiser (seeded), restore the checkpoint, write the run's files, start W&B."""
+    torch.manual_seed(cfg.training.seed + rt.rank)
+    raw_model = build_model(cfg, plan.vocab_size).to(rt.device)
+    optimizer = make_optimizer(raw_model, cfg, rt.device)
+    model: torch.nn.Module = torch.compile(raw_model) if cfg.training.compile else raw_model
+    if rt.world_size > 1:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+    session = Session(cfg, rt, plan, run, model, raw_model, optimizer, grad_scaler(rt), WandbLogger(None))
+    state = TrainState()
+    if plan.checkpoint is not None:
+        restore(session, state, plan.checkpoint)
+    if run is not None:
+        if plan.resume:
+            write_resumed_run(run, plan, cfg, state.step)
+        else:
+            write_new_run(run, plan, cfg)
+    session.logger = WandbLogger.start(cfg, plan.run_dir, wandb_group, state.wandb_id, enabled=rt.is_main)
+    session.logger.log_config(num_parameters=raw_model.num_parameters(), flops_per_token=raw_model.flops_per_token(),
+                              dataset=plan.data.fingerprint)
+    return session, state
+
+
+def out_of_memory(error: BaseException, step: int, estimate: MemoryEstimate, run_dir: Path) -> UserError:
+    return UserError(f"out of memory in training step {step + 1} ({' '.join(str(error).split())[:120]}); the estimate was "
+                     f"{estimate.describe()}; lower training.batch_size, model.context_length or model.d_model "
+                     f"(the last checkpoint in {run_dir}, if any, is intact)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -312,220 +364,97 @@ class StopRequest:
 
 def train(cfg: Config, run_dir: Path, resume: bool = False, overwrite: bool = False, wandb_group: str | None = None) -> int:
     rt = setup_runtime(cfg)
-    torch.manual_seed(cfg.training.seed + rt.rank)
     if rt.world_size > 1 and cfg.training.batch_size % rt.world_size:
         raise UserError(f"training.batch_size ({cfg.training.batch_size}) must be divisible by the {rt.world_size} processes")
+    run = RunDir.claim(run_dir, resume=True) if resume and rt.is_main else None  # a resume reads under the lock
+    try:
+        plan = plan_training(cfg, run_dir, resume, rt)  # every check; nothing written yet
+        if plan.already_complete:
+            print(f"{run_dir} is already complete ({plan.max_steps} steps); nothing to do", file=sys.stderr)
+            return 0
+        if not resume and rt.is_main:
+            run = RunDir.claim(run_dir, resume=False, overwrite=overwrite)
+        try:
+            session, state = start_session(cfg, rt, plan, run, wandb_group)
+            return train_loop(session, state)
+        except BaseException:
+            if run is not None and not resume and not (run.checkpoint.exists() or (run_dir / "summary.json").exists()):
+                run.roll_back()  # a new run that produced nothing: leave the directory as it was
+            raise
+    finally:
+        if run is not None:
+            run.release()
 
-    data = prepare_data(cfg.data, cfg.model.vocab_size)
-    vocab_size = cfg.model.vocab_size or data.tokenizer.vocab_size
-    if vocab_size < data.tokenizer.vocab_size:
-        raise UserError(f"model.vocab_size ({vocab_size}) is smaller than the tokenizer's vocabulary ({data.tokenizer.vocab_size})")
-    if len(data.train) <= cfg.model.context_length + 1:
-        raise UserError(f"the training split has {len(data.train)} tokens, fewer than one context window ({cfg.model.context_length + 1})")
-    max_steps = total_steps(cfg, len(data.train))
-    val_starts = validation_windows(data.val, cfg)
 
-    model = build_model(cfg, vocab_size).to(rt.device)
-    optimizer = make_optimizer(model, cfg, rt.device)
-    files = RunFiles(run_dir, enabled=rt.is_main)
-    state = load_checkpoint(files.checkpoint) if resume and files.checkpoint.exists() else None
-
-    if rt.is_main:
-        if overwrite and not resume:
-            for stale in ("metrics.jsonl", "summary.json", "checkpoints/latest.pt"):
-                (run_dir / stale).unlink(missing_ok=True)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
-        data.tokenizer.save(run_dir / "tokenizer.json")
-
-    start_step, best_val, carried = 0, math.inf, {"train_time": 0.0, "step_time": 0.0, "timed_steps": 0}
-    wandb_id = None
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng_cpu"])
-        if rt.device.type == "cuda" and state.get("rng_cuda") is not None:
-            torch.cuda.set_rng_state(state["rng_cuda"], rt.device)
-        start_step, best_val, wandb_id = state["step"], state["best_val_loss"], state.get("wandb_id")
-        carried = {key: state[key] for key in carried}
-        files.truncate_metrics_after(start_step)
-    elif resume:
-        files.truncate_metrics_after(0)
-
-    raw_model = model
-    if cfg.training.compile:
-        model = torch.compile(model)
-    if rt.world_size > 1:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
-
-    num_parameters = raw_model.num_parameters()
-    logger = WandbLogger.start(cfg, run_dir, wandb_group, wandb_id, enabled=rt.is_main)
-    logger.log_config(num_parameters=num_parameters, flops_per_token=raw_model.flops_per_token(), dataset=data.fingerprint)
+def train_loop(s: Session, state: TrainState) -> int:
+    cfg, rt, max_steps = s.cfg, s.rt, s.max_steps
+    start_step = state.step
     stop = StopRequest()
     stop.install()
-
-    accumulation = cfg.training.gradient_accumulation_steps
-    tokens_per_step = cfg.training.batch_size * accumulation * cfg.model.context_length
-    peak_memory, peak_method = 0, "not measured"
-    last_loss = torch.zeros((), device=rt.device)
-    last_entropy: list[list[float]] = []
-    val_loss = math.nan
-
-    def run_step(step: int) -> torch.Tensor:
-        lr = learning_rate(step, cfg, max_steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        step_loss = torch.zeros((), device=rt.device)
-        for micro in range(accumulation):
-            x, y = training_batch(data.train, cfg, step, micro, rt)
-            sync = contextlib.nullcontext() if rt.world_size == 1 or micro == accumulation - 1 else model.no_sync()
-            with sync:
-                with autocast(rt):
-                    _, loss, _ = model(x, y)
-                (loss / accumulation).backward()
-            step_loss += loss.detach() / accumulation
-        if cfg.training.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.training.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return step_loss
-
-    def checkpoint(step: int) -> None:
-        if not rt.is_main:
-            return
-        save_checkpoint(
-            {
-                "model": raw_model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "rng_cpu": torch.get_rng_state(),
-                "rng_cuda": torch.cuda.get_rng_state(rt.device) if rt.device.type == "cuda" else None,
-                "step": step,
-                "best_val_loss": best_val,
-                "wandb_id": logger.run_id,
-                **carried,
-            },
-            files.checkpoint,
-        )
-
-    def summary(status: str, step: int, error: str | None = None) -> dict[str, Any]:
-        step_time = carried["step_time"] / max(1, carried["timed_steps"])
-        return {
-            "status": status,
-            "error": error,
-            "attention_type": cfg.attention.type,
-            "position_embedding": cfg.position.type,
-            "seed": cfg.training.seed,
-            "final_val_loss": val_loss,
-            "final_val_perplexity": math.exp(val_loss) if math.isfinite(val_loss) else math.nan,
-            "best_val_loss": best_val,
-            "tokens_per_second": tokens_per_step / step_time if step_time else math.nan,
-            "step_time_ms": 1000 * step_time,
-            "peak_memory_bytes": peak_memory,
-            "peak_memory_method": peak_method,
-            "peak_rss_bytes": peak_rss_bytes(),
-            "train_time_seconds": carried["train_time"],
-            "attention_entropy": last_entropy,
-            "mean_attention_entropy": float(np.mean(last_entropy)) if last_entropy else math.nan,
-            "num_parameters": num_parameters,
-            "num_kv_heads": kv_heads_for(cfg),
-            "flops_per_token": raw_model.flops_per_token(),
-            "world_size": rt.world_size,
-            "steps": step,
-            "max_steps": max_steps,
-            "tokens_seen": step * tokens_per_step,
-            "device": str(rt.device),
-            "torch_version": torch.__version__,
-            "dataset": data.fingerprint,
-        }
-
-    def finish(status: str, step: int, error: str | None = None) -> None:
-        final = summary(status, step, error)
-        files.write_summary(final)
-        logger.finish(final)
-        if rt.world_size > 1:
-            dist.destroy_process_group()
-
-    def evaluate_now(step: int) -> None:
-        nonlocal val_loss, best_val, last_entropy
-        val_loss = evaluate(model, data.val, val_starts, cfg, rt)
-        best_val = min(best_val, val_loss)
-        last_entropy = attention_entropy(raw_model, data.val, val_starts, cfg, rt)
-        record = {
-            "step": step,
-            "elapsed_seconds": round(carried["train_time"], 3),
-            "val_loss": val_loss,
-            "val_perplexity": math.exp(val_loss),
-            "attention_entropy": last_entropy,
-        }
-        files.log(record)
-        logger.log(record)
-
     progress = tqdm(total=max_steps, initial=start_step, disable=not (rt.is_main and cfg.logging.progress), unit="step", dynamic_ncols=True)
-    step = start_step
     window_start, window_steps = time.perf_counter(), 0
     time_budget = cfg.training.time_budget_seconds
-    while step < max_steps:
-        if peak_memory == 0:  # the first step of a process runs under the memory tracker, outside the step timing
-            loss_holder: list[torch.Tensor] = []
-            peak_memory, peak_method = measured_step_peak(lambda: loss_holder.append(run_step(step)), rt, raw_model, optimizer)
-            last_loss = loss_holder[0]
-            carried["train_time"] += time.perf_counter() - window_start
-            window_start = time.perf_counter()
-        else:
-            last_loss = run_step(step)
-            window_steps += 1
-        step += 1
+    measured = False
+    while state.step < max_steps:
+        try:
+            if not measured:  # the first step of a process runs under the memory tracker, outside the step timing
+                with StepMemory(rt, s.raw_model, s.optimizer) as memory:
+                    last_loss = train_step(s, state.step)
+                state.peak_memory, state.peak_method, measured = memory.bytes, memory.method, True
+                state.train_time += time.perf_counter() - window_start
+                window_start = time.perf_counter()
+            else:
+                last_loss = train_step(s, state.step)
+                window_steps += 1
+        except Exception as error:
+            if is_out_of_memory(error):
+                raise out_of_memory(error, state.step, s.plan.memory, s.plan.run_dir) from None
+            raise
+        state.step += 1
+        step = state.step
         is_log = step % cfg.logging.log_interval == 0 or step == max_steps
         is_eval = step % cfg.training.eval_interval == 0 or step == max_steps
         interval = cfg.training.checkpoint_interval  # 0: only at the end
         is_checkpoint = (interval > 0 and step % interval == 0) or step == max_steps
         if is_log or is_eval or is_checkpoint:
             loss_value = last_loss.item()  # the only host synchronisation, at these intervals
-            now = time.perf_counter()
-            elapsed = now - window_start
-            carried["train_time"] += elapsed
-            carried["step_time"] += elapsed
-            carried["timed_steps"] += window_steps
+            elapsed = time.perf_counter() - window_start
+            state.train_time += elapsed
+            state.step_time += elapsed
+            state.timed_steps += window_steps
             elapsed = max(elapsed, 1e-9)
             if not math.isfinite(loss_value):
-                kept = f"the last good checkpoint is {files.checkpoint}" if files.checkpoint.exists() else "no checkpoint was written"
+                kept = f"the last good checkpoint is {s.run.checkpoint}" if s.run and s.run.checkpoint.exists() else "no checkpoint was written"
                 message = f"training diverged: loss is {loss_value} at step {step}; {kept}"
-                finish("diverged", step, message)
+                finish(s, state, "diverged", message)
                 raise UserError(message)
             if is_log:
-                record = {
-                    "step": step,
-                    "elapsed_seconds": round(carried["train_time"], 3),
-                    "train_loss": loss_value,
-                    "lr": optimizer.param_groups[0]["lr"],
-                    "tokens_per_second": tokens_per_step * window_steps / elapsed,
-                    "step_time_ms": 1000 * elapsed / max(1, window_steps),
-                }
-                files.log(record)
-                logger.log(record)
-                progress.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{record['tokens_per_second']:.0f}", refresh=False)
+                record = log_training(s, state, loss_value, window_steps, elapsed)
+                progress.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{record.tokens_per_second:.0f}", refresh=False)
             if is_eval:
-                evaluate_now(step)
+                evaluate_now(s, state)
             if is_checkpoint:
-                checkpoint(step)
+                save_training_checkpoint(s, state)
             window_start, window_steps = time.perf_counter(), 0
         progress.update(1)
-        if stop.agreed(rt) if rt.world_size > 1 else stop.signum is not None:
-            carried["train_time"] += time.perf_counter() - window_start
-            checkpoint(step)
-            finish("interrupted", step)
+        if stop.agreed(rt):
+            state.train_time += time.perf_counter() - window_start
+            save_training_checkpoint(s, state)
+            finish(s, state, "interrupted")
             progress.close()
-            print(f"interrupted at step {step}; checkpoint saved; continue with: tcompare train --resume {run_dir}", file=sys.stderr)
+            print(f"interrupted at step {step}; checkpoint saved; continue with: tcompare train --resume {s.plan.run_dir}", file=sys.stderr)
             return EXIT_INTERRUPTED.get(stop.signum or signal.SIGINT, 130)
-        if time_budget is not None and carried["train_time"] + time.perf_counter() - window_start >= time_budget:
-            carried["train_time"] += time.perf_counter() - window_start
-            evaluate_now(step)
-            checkpoint(step)
+        if time_budget is not None and state.train_time + time.perf_counter() - window_start >= time_budget:
+            state.train_time += time.perf_counter() - window_start
+            evaluate_now(s, state)
+            save_training_checkpoint(s, state)
             break
     progress.close()
-    if start_step == max_steps and state is not None:  # resumed a finished run: evaluate it again
-        evaluate_now(step)
-    finish("completed", step)
+    if start_step == max_steps:  # resumed a run whose last checkpoint is its end but which has no summary yet
+        evaluate_now(s, state)
+    finish(s, state, "completed")
     if rt.is_main:
-        print(f"{cfg.attention.type} + {cfg.position.type}: val loss {val_loss:.4f} (perplexity {math.exp(val_loss):.2f}) after {step} steps; run in {run_dir}")
+        print(f"{cfg.attention.type} + {cfg.position.type}: val loss {state.val_loss:.4f} "
+              f"(perplexity {math.exp(state.val_loss):.2f}) after {state.step} steps; run in {s.plan.run_dir}")
     return 0
+

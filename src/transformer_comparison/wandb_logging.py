@@ -37,7 +37,9 @@ def resolve_mode(requested: str) -> str:
 
 
 def finite_only(values: dict[str, Any]) -> dict[str, Any]:
-    return {key: value for key, value in values.items() if not (isinstance(value, float) and not math.isfinite(value))}
+    """The values W&B can chart: no None, no NaN or infinity."""
+    return {key: value for key, value in values.items()
+            if value is not None and not (isinstance(value, float) and not math.isfinite(value))}
 
 
 class WandbLogger:
@@ -80,7 +82,7 @@ class WandbLogger:
         if self.run is None:
             return
         values = {key: value for key, value in record.items() if key not in ("step", "attention_entropy")}
-        for layer, heads in enumerate(record.get("attention_entropy", [])):
+        for layer, heads in enumerate(record.get("attention_entropy") or []):
             for head, value in enumerate(heads):
                 values[f"attention_entropy/layer{layer}_head{head}"] = value
         self.run.log(finite_only(values), step=record["step"])

@@ -31,6 +31,15 @@ from transformer_comparison.errors import UserError
 Model = TypeVar("Model", bound=BaseModel)
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_umask()  # what open() would give a new file
+
+
 def write_bytes_atomic(path: str | os.PathLike[str], write: Callable[[io.BufferedWriter], Any]) -> None:
     """Write through a temporary file beside `path` (fsynced), then os.replace it into place."""
     path = Path(path)
@@ -38,6 +47,7 @@ def write_bytes_atomic(path: str | os.PathLike[str], write: Callable[[io.Buffere
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as stream:
+            os.fchmod(stream.fileno(), _FILE_MODE)  # mkstemp makes files private (0600); results are ordinary files
             write(stream)
             stream.flush()
             os.fsync(stream.fileno())
@@ -78,12 +88,12 @@ def read_json(path: str | os.PathLike[str], model: type[Model]) -> Model:
 def write_csv(path: str | os.PathLike[str], rows: Iterable[BaseModel], model: type[BaseModel]) -> None:
     """One row per model instance; the columns are `model`'s fields in declaration order. None is an
     empty cell, floats keep full precision (repr)."""
-    columns = list(model.model_fields)
+    columns = [field.alias or name for name, field in model.model_fields.items()]  # alias: a column named "pass"
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(columns)
     for row in rows:
-        values = row.model_dump(mode="json")
+        values = row.model_dump(mode="json", by_alias=True)
         writer.writerow(["" if values[c] is None else _cell(values[c]) for c in columns])
     write_text_atomic(path, buffer.getvalue())
 
@@ -99,7 +109,8 @@ def read_csv(path: str | os.PathLike[str], model: type[Model]) -> list[Model]:
         raise UserError(f"cannot read {path}: {error}") from None
     rows = []
     for number, record in enumerate(csv.DictReader(io.StringIO(text)), start=2):
-        values = {key: (None if value == "" else value) for key, value in record.items() if key in model.model_fields}
+        known = {field.alias or name for name, field in model.model_fields.items()}
+        values = {key: (None if value == "" else value) for key, value in record.items() if key in known}
         try:
             rows.append(model.model_validate(values))
         except ValidationError as error:
@@ -109,10 +120,17 @@ def read_csv(path: str | os.PathLike[str], model: type[Model]) -> list[Model]:
 
 def append_jsonl(path: str | os.PathLike[str], record: BaseModel) -> None:
     """Append one record as a JSON line (flushed and fsynced, so a crash tears at most this line)."""
-    with Path(path).open("a", encoding="utf-8") as handle:
-        handle.write(record.model_dump_json() + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
+    path = Path(path)
+    try:
+        with path.open("a", encoding="utf-8") as handle:
+            handle.write(record.model_dump_json() + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+    except OSError as error:
+        if error.errno == errno.ENOSPC:
+            raise UserError(f"the disk is full: could not append to {path} (in {path.parent}); at most its last "
+                            "line is incomplete, which a resume drops") from None
+        raise
 
 
 def read_jsonl(path: str | os.PathLike[str], model: type[Model], drop_torn_tail: bool = False) -> tuple[list[Model], bool]:

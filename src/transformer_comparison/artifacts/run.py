@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal, Union
+from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, RootModel
 
@@ -118,7 +118,8 @@ class RunIdentity(_Artifact):
 
     run_id: str
     created: str  # ISO 8601, local time
-    config_hash: str  # config_hash() of the config, without the keys a resume may change
+    config_hash: str  # resume.config_hash() of the config, without the keys a resume may change
+    config: dict[str, Any] = {}  # that config by dotted key, so a change can be named key by key
     dataset: DatasetFingerprint
     tokenizer_identity: str
 
