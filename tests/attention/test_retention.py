@@ -16,8 +16,8 @@ NAME = "retention"
 
 
 @pytest.mark.parametrize("position", POSITIONS)
-@pytest.mark.parametrize("kv_heads", [4, 2, 1])
-@pytest.mark.parametrize("n", [1, 7, 13, 37])
+@pytest.mark.parametrize("kv_heads", [4, 1])
+@pytest.mark.parametrize("n", [1, 13, 37])
 def test_matches_the_naive_recurrence(n, kv_heads, position):
     q, k, v = make_qkv(2, 4, kv_heads, n, seed=n + kv_heads)
     attn = build_attention(NAME, chunk_size=5)
