@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import re
@@ -17,11 +16,12 @@ import pytest
 import yaml
 
 from tests.helpers import read_csv
-from transformer_comparison import compare
-from transformer_comparison.attention import ATTENTION_TYPES
 from transformer_comparison.cli import build_parser, main
+from transformer_comparison.compare import extras
+from transformer_comparison.compare.cells import cell_action
+from transformer_comparison.compare.command import prepare_output_dir
+from transformer_comparison.compare.plan import Plan, make_plan
 from transformer_comparison.config import load_config
-from transformer_comparison.position import POSITION_TYPES
 
 REPO = Path(__file__).resolve().parents[1]
 WORDS = "the quick brown fox jumps over a lazy dog while the cat sat on the mat and sang".split()
@@ -50,7 +50,9 @@ def one_thread(monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # tiny models: threads only add contention on a shared machine
 
 
-GRID = ["--attention_types", "gqa,dot_product", "--position_embeddings", "rope,alibi"]
+GRID = ["--attention_types", "gqa,dot_product", "--position_embeddings", "rope", "--sweep", "training.learning_rate=1e-3,3e-3"]
+NAMES = ["dot_product-rope-learning_rate=0.001-seed7", "dot_product-rope-learning_rate=0.003-seed7",
+         "gqa-rope-learning_rate=0.001-seed7", "gqa-rope-learning_rate=0.003-seed7"]
 
 
 def compare_args(config: Path, out: Path, *extra: str) -> list[str]:
@@ -85,25 +87,34 @@ def snapshot(run: Path) -> dict[str, tuple[int, bytes]]:
 
 def test_end_to_end(tiny_comparison, capsys):
     out = tiny_comparison
-    rows = read_rows(out)
-    assert [(r["attention_type"], r["position_embedding"], r["seed"]) for r in rows] == [
-        ("dot_product", "rope", "7"), ("dot_product", "alibi", "7"), ("gqa", "rope", "7"), ("gqa", "alibi", "7")]
-    assert list(rows[0])[:3] == ["attention_type", "position_embedding", "seed"]
+    columns, rows = read_csv(out / "results.csv")
+    assert columns[:4] == ["attention_type", "position_embedding", "seed", "training.learning_rate"]
+    assert [(r["attention_type"], r["training.learning_rate"], r["seed"]) for r in rows] == [
+        ("dot_product", "0.001", "7"), ("dot_product", "0.003", "7"), ("gqa", "0.001", "7"), ("gqa", "0.003", "7")]
+    assert [r["run"] for r in rows] == [f"runs/{name}" for name in NAMES]
     assert all(r["status"] == "completed" and float(r["final_val_loss"]) > 0 and r["steps"] == "6" for r in rows)
     assert rows[2]["num_kv_heads"] == "1" and rows[0]["num_kv_heads"] == "2"
-    assert len(json.loads((out / "results.json").read_text())) == 4
-    with (out / "aggregate.csv").open(newline="") as handle:
-        assert len(list(csv.DictReader(handle))) == 4
-    for row in rows:
+    for row in rows:  # each run trained with its own rate, and its accounting is in the row
         run = out / row["run"]
-        assert (run / "train.log").is_file() and (run / "summary.json").is_file()
-        assert json.loads((run / "cell.json").read_text())["status"] == "completed"
+        assert load_config(run / "config.yaml").training.learning_rate == float(row["training.learning_rate"])
+        assert float(row["training_flops"]) == float(row["training_flops_per_token"]) * int(row["tokens_seen"]) > 0
+        assert int(row["embedding_parameters"]) + int(row["non_embedding_parameters"]) == int(row["num_parameters"])
+        assert (run / "train.log").is_file() and json.loads((run / "cell.json").read_text())["status"] == "completed"
+    assert float(rows[2]["parameter_ratio"]) < 1.0 == float(rows[0]["parameter_ratio"])  # gqa projects fewer kv heads
+    assert len(json.loads((out / "results.json").read_text())) == 4
+    assert len(read_csv(out / "aggregate.csv")[1]) == 4
     comparison = json.loads((out / "comparison.json").read_text())
-    assert comparison["grid"] == {"attention_types": ["dot_product", "gqa"], "position_embeddings": ["rope", "alibi"],
-                                  "seeds": 1, "base_seed": 7}
+    assert comparison["grid"] == {"attention_types": ["dot_product", "gqa"], "position_embeddings": ["rope"], "seeds": 1,
+                                  "base_seed": 7, "sweep": {"training.learning_rate": [0.001, 0.003]}, "match": None}
     assert load_config(out / "comparison_config.yaml").model.d_model == 16
     md, page = (out / "report.md").read_text(), (out / "report.html").read_text()
-    assert "Ranking by validation loss" in md and "Parameter counts differ" in md
+    assert "Tokens-matched: 6 optimizer steps" in md
+    # the ranking trains each mechanism at its own best rate
+    for mechanism in ("dot_product", "gqa"):
+        losses = {r["training.learning_rate"]: float(r["final_val_loss"]) for r in rows if r["attention_type"] == mechanism}
+        best = min(losses, key=losses.get)
+        assert re.search(rf"\n\| \d \| {mechanism} \| rope \| {best} \| ", md.split("## Ranking by validation loss")[1]), mechanism
+    assert (out / "plots" / "learning_rate.png").is_file()
     images = re.findall(r'<img [^>]*src="([^"]+)"', page)
     assert len(images) >= 4 and all(src.startswith("data:image/png;base64,") for src in images)
     # `tcompare report DIR` rebuilds it from the saved files
@@ -118,15 +129,16 @@ def test_resume_skips_completed_and_finishes_the_rest(tiny_comparison, tiny_conf
     out = tmp_path / "grid"
     shutil.copytree(tiny_comparison, out)
     runs = out / "runs"
-    (runs / "dot_product-alibi-seed7" / "summary.json").unlink()  # killed after its last checkpoint: resumed
-    (runs / "gqa-rope-seed7" / "summary.json").unlink()  # killed before any checkpoint: trained again
-    shutil.rmtree(runs / "gqa-rope-seed7" / "checkpoints")
-    untouched = {name: snapshot(runs / name) for name in ("dot_product-rope-seed7", "gqa-alibi-seed7")}
+    resumed_name, fresh_name = NAMES[1], NAMES[2]
+    (runs / resumed_name / "summary.json").unlink()  # killed after its last checkpoint: resumed
+    (runs / fresh_name / "summary.json").unlink()  # killed before any checkpoint: trained again
+    shutil.rmtree(runs / fresh_name / "checkpoints")
+    untouched = {name: snapshot(runs / name) for name in (NAMES[0], NAMES[3])}
     assert main(compare_args(tiny_config, out, *GRID)) == 0
     for name, files in untouched.items():
         assert snapshot(runs / name) == files
-    resumed = json.loads((runs / "dot_product-alibi-seed7" / "cell.json").read_text())
-    fresh = json.loads((runs / "gqa-rope-seed7" / "cell.json").read_text())
+    resumed = json.loads((runs / resumed_name / "cell.json").read_text())
+    fresh = json.loads((runs / fresh_name / "cell.json").read_text())
     assert (resumed["action"], resumed["attempts"], fresh["action"], fresh["attempts"]) == ("resume", 2, "fresh", 2)
     assert all(r["status"] == "completed" for r in read_rows(out))
 
@@ -134,8 +146,8 @@ def test_resume_skips_completed_and_finishes_the_rest(tiny_comparison, tiny_conf
 def test_failing_cell_does_not_stop_the_others(tiny_config, tmp_path, capsys):
     out = tmp_path / "cmp"
     argv = compare_args(tiny_config, out, "--attention_types", "dot_product", "--position_embeddings", "rope,alibi")
-    plan = compare.make_plan(build_parser().parse_args(argv))
-    compare.prepare_output_dir(plan, None, "test")
+    plan = make_plan(build_parser().parse_args(argv))
+    prepare_output_dir(plan, None, "test")
     broken = plan.run_dir(plan.cells[0])  # the first cell finds an unreadable checkpoint and fails on resume
     (broken / "checkpoints").mkdir(parents=True)
     (broken / "checkpoints" / "latest.pt").write_bytes(b"not a checkpoint")
@@ -171,7 +183,7 @@ def test_interrupt_then_resume(tiny_config, tmp_path):
     (row,) = read_rows(out)
     assert row["status"] == "interrupted"
     assert (run / "checkpoints" / "latest.pt").is_file()
-    assert compare.cell_action(run) == "resume"
+    assert cell_action(run) == "resume"
     # the same command continues the run from its checkpoint to the end of its (3 s) budget
     assert main(argv) == 0
     record = json.loads((run / "cell.json").read_text())
@@ -183,20 +195,8 @@ def test_interrupt_then_resume(tiny_config, tmp_path):
 # plans and bad input (nothing trained)
 
 
-def plan_for(*argv: str) -> compare.Plan:
-    return compare.make_plan(build_parser().parse_args(["compare", *argv]))
-
-
-def test_default_grid_and_seeds(tiny_config):
-    plan = plan_for("--config", str(tiny_config), "--seeds", "3")
-    assert len(plan.cells) == len(ATTENTION_TYPES) * len(POSITION_TYPES) * 3 == 54
-    assert [(c.attention_type, c.position_embedding) for c in plan.cells[::3]] == [
-        (a, p) for a in ATTENTION_TYPES for p in POSITION_TYPES]
-    assert [c.seed for c in plan.cells[:3]] == [7, 8, 9]
-    assert plan.cells[0].name == "dot_product-sinusoidal-seed7"
-    assert plan.out.parent == Path("results") and plan.out.name.startswith("comparison-")
-    # the order given does not matter; the grid is kept in the canonical order
-    assert plan_for("--config", str(tiny_config), "--attention_types", "gqa,local").attention_types == ["local", "gqa"]
+def plan_for(*argv: str) -> Plan:
+    return make_plan(build_parser().parse_args(["compare", *argv]))
 
 
 def test_presets(tiny_config):
@@ -211,29 +211,6 @@ def test_presets(tiny_config):
         assert {k: v for k, v in got.items() if k not in ignored} == {k: v for k, v in want.items() if k not in ignored}, section
 
 
-@pytest.mark.parametrize(
-    "extra, message",
-    [
-        (["--attention_types", "dot_product,softmax"], "valid: dot_product, linear, sparse, local, gqa, flash"),
-        (["--position_embeddings", "learned"], "valid: sinusoidal, rope, alibi"),
-        (["--attention_types", ","], "no cells"),
-        (["--seeds", "0"], "--seeds"),
-        (["--jobs", "0"], "--jobs"),
-        (["--jobs", "two"], "--jobs"),
-        (["--preset", "huge"], "valid presets: quick, nanogpt-cpu"),
-        (["attention.type=local"], "--attention_types"),
-        (["training.nonsense=1"], "unknown key training.nonsense"),
-        (["--position_embeddings", "rope", "model.num_heads=4", "model.d_model=12"], "rope"),
-    ],
-)
-def test_bad_input(tiny_config, tmp_path, capsys, extra, message):
-    out = tmp_path / "out"
-    assert main(compare_args(tiny_config, out, *extra)) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and message in err[0], err
-    assert not out.exists()
-
-
 def test_foreign_output_directories(tiny_config, tmp_path, capsys):
     other = tmp_path / "other"
     other.mkdir()
@@ -244,8 +221,8 @@ def test_foreign_output_directories(tiny_config, tmp_path, capsys):
 
     out = tmp_path / "cmp"
     argv = compare_args(tiny_config, out, "--attention_types", "local")
-    plan = compare.make_plan(build_parser().parse_args(argv))
-    compare.prepare_output_dir(plan, None, "test")
+    plan = make_plan(build_parser().parse_args(argv))
+    prepare_output_dir(plan, None, "test")
     before = sorted(p.name for p in out.rglob("*"))
     for changed, reason in ((["training.max_steps=7"], "training.max_steps 6 -> 7"), (["--seeds", "2"], "grid")):
         assert main(argv + changed) == 2
@@ -257,12 +234,54 @@ def test_foreign_output_directories(tiny_config, tmp_path, capsys):
 
 def test_optional_steps_are_recorded_not_fatal(tiny_config, tmp_path, monkeypatch):
     plan = plan_for("--config", str(tiny_config), "--out", str(tmp_path / "cmp"), "--attention_types", "local")
-    compare.prepare_output_dir(plan, None, "test")
-    monkeypatch.setattr(compare, "available", lambda command, module: False)
-    monkeypatch.setattr(compare, "bench_available", lambda name: False)
-    records = compare.run_extras(plan, bench=True, extrapolate=True)
+    prepare_output_dir(plan, None, "test")
+    monkeypatch.setattr(extras, "available", lambda command, module: False)
+    monkeypatch.setattr(extras, "bench_available", lambda name: False)
+    records = extras.run_extras(plan, bench=True, extrapolate=True)
     assert [(r["name"], r["status"]) for r in records] == [
         ("bench kernels", "unavailable"), ("bench decode", "unavailable"), ("eval (extrapolation)", "unavailable")]
     failing = [sys.executable, "-c", "import sys; print('progress'); print('it broke', file=sys.stderr); sys.exit(3)"]
-    record = compare.run_extra(plan.out, "bench kernels", failing, plan.out / "bench" / "kernels.log")
+    record = extras.run_extra(plan.out, "bench kernels", failing, plan.out / "bench" / "kernels.log")
     assert (record["status"], record["error"]) == ("failed", "exit 3: it broke")
+
+
+def test_kill_9_of_compare_leaves_no_trainer(tiny_config, tmp_path):
+    out = tmp_path / "cmp"
+    argv = compare_args(tiny_config, out, "--attention_types", "local", "--position_embeddings", "rope", "training.max_steps=1000000",
+                        "training.eval_interval=100000", "training.checkpoint_interval=100000")
+    process = subprocess.Popen([sys.executable, "-m", "transformer_comparison", *argv], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, start_new_session=True)
+    run = out / "runs" / "local-rope-seed7"
+    deadline = time.monotonic() + 120
+    while not ((run / "metrics.jsonl").is_file() and (run / "metrics.jsonl").stat().st_size):
+        assert process.poll() is None and time.monotonic() < deadline
+        time.sleep(0.1)
+    trainers = [pid for pid in children_of(process.pid)]
+    assert trainers
+    process.kill()
+    process.wait()
+    deadline = time.monotonic() + 30
+    while any(alive(pid) for pid in trainers):
+        assert time.monotonic() < deadline, "the trainer outlived its comparison"
+        time.sleep(0.1)
+
+
+def children_of(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
