@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import sys
-import urllib.error
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +14,7 @@ from hypothesis import strategies as st
 
 from transformer_comparison import data
 from transformer_comparison.config import DataConfig
+from transformer_comparison.data import downloads, token_cache, tokenizers
 from transformer_comparison.data import (
     REMOTE_DATASETS,
     BPETokenizer,
@@ -43,10 +42,10 @@ def _no_user_environment(monkeypatch):
     monkeypatch.delenv(data.DATA_DIR_ENV, raising=False)
     monkeypatch.delenv(data.CACHE_ENV, raising=False)
 
-    def no_network(*args, **kwargs):
-        raise urllib.error.URLError("network disabled in tests")
+    def no_network(url, output_file, pooch):
+        raise ConnectionError("network disabled in tests")
 
-    monkeypatch.setattr(data.urllib.request, "urlopen", no_network)
+    monkeypatch.setattr(downloads, "make_downloader", lambda: no_network)
 
 
 def data_config(tmp_path: Path, **values) -> DataConfig:
@@ -82,7 +81,7 @@ def test_round_trip_and_save_load(kind, bpe, tmp_path):
 
 def test_bpe_encodes_long_texts_in_pieces_exactly(bpe):
     text = (SAMPLE + "    indented\n\n  \n" + "x = 1\n") * 3000
-    pieces = list(data._chunks([text], size=1000))
+    pieces = list(tokenizers._chunks([text], size=1000))
     assert "".join(pieces) == text and len(pieces) > 100
     assert bpe.encode_array(text).tolist() == bpe.encode(text)
 
@@ -314,26 +313,50 @@ def test_download_failure_says_what_to_do(tmp_path):
 
 def fake_source(content: bytes, **changes) -> RemoteDataset:
     values = {"name": "fake", "filename": "fake.txt", "urls": ("https://example.invalid/fake.txt",),
-              "sha256": hashlib.sha256(content).hexdigest(), "size": len(content), "read": data._read_single_text}
+              "sha256": hashlib.sha256(content).hexdigest(), "size": len(content), "read": downloads._read_single_text}
     return RemoteDataset(**{**values, **changes})
+
+
+def fake_downloader(content: bytes, calls: list):
+    """A pooch downloader that serves `content` for every URL and records the calls."""
+
+    def download(url, output_file, pooch):
+        calls.append(url)
+        Path(output_file).write_bytes(content) if not hasattr(output_file, "write") else output_file.write(content)
+
+    return download
 
 
 def test_download_is_checked_and_cached(tmp_path, monkeypatch):
     content = b"some downloaded text\n" * 10
     calls = []
-
-    def urlopen(url, timeout):
-        calls.append((url, timeout))
-        return io.BytesIO(content)
-
-    monkeypatch.setattr(data.urllib.request, "urlopen", urlopen)
+    monkeypatch.setattr(downloads, "make_downloader", lambda: fake_downloader(content, calls))
     path = fetch(fake_source(content), tmp_path)
     assert path == tmp_path / "downloads" / "fake.txt" and path.read_bytes() == content
     assert fetch(fake_source(content), tmp_path) == path and len(calls) == 1  # the cached copy is reused
 
     with pytest.raises(UserError) as error:  # a corrupted download is refused and not kept
         fetch(fake_source(content, sha256="0" * 64, filename="other.txt"), tmp_path)
-    assert "sha256" in one_line(error) and not (tmp_path / "downloads" / "other.txt").exists()
+    assert "other.txt" in one_line(error) and not (tmp_path / "downloads" / "other.txt").exists()
+    assert not [p for p in (tmp_path / "downloads").iterdir() if p.name != "fake.txt"]  # no partial files
+
+
+def test_download_tries_the_next_url_and_checks_the_size(tmp_path, monkeypatch):
+    content = b"0123456789" * 5
+    calls = []
+
+    def first_fails(url, output_file, pooch):
+        if "first" in url:
+            calls.append(url)
+            raise ConnectionError("first mirror is down")
+        fake_downloader(content, calls)(url, output_file, pooch)
+
+    monkeypatch.setattr(downloads, "make_downloader", lambda: first_fails)
+    source = fake_source(content, sha256=None, urls=("https://first.invalid/f", "https://second.invalid/f"))
+    assert fetch(source, tmp_path).read_bytes() == content and len(calls) == 2
+    with pytest.raises(UserError) as error:  # no digest known: the size is checked instead
+        fetch(fake_source(content, sha256=None, size=7, filename="sized.txt"), tmp_path)
+    assert "expected 7" in one_line(error) and not (tmp_path / "downloads" / "sized.txt").exists()
 
 
 def test_data_dir_copy_is_checked(tmp_path, monkeypatch):
@@ -365,7 +388,7 @@ def test_wikitext_archive_uses_its_own_splits(tmp_path, monkeypatch):
         zf.writestr("wikitext-2-raw/wiki.valid.raw", " valid text \n")
         zf.writestr("wikitext-2-raw/wiki.test.raw", " test text \n")
     source = fake_source(archive.read_bytes(), name="wikitext-2", filename=archive.name,
-                         read=data._wikitext_reader("wikitext-2-raw"))
+                         read=downloads._wikitext_reader("wikitext-2-raw"))
     monkeypatch.setitem(REMOTE_DATASETS, "wikitext-2", source)
     monkeypatch.setenv(data.DATA_DIR_ENV, str(tmp_path))
     prepared = prepare_data(data_config(tmp_path, dataset="wikitext-2", tokenizer="byte"))
@@ -397,3 +420,50 @@ def test_hf_dataset_with_a_fake_datasets_module(tmp_path, monkeypatch):
     assert prepared.tokenizer.decode(prepared.train.tolist()) == "a b c\nd e f"
     assert prepared.tokenizer.decode(prepared.val.tolist()) == "g h"
     assert prepared.fingerprint["dataset"] == "hf:someone/corpus:small" and prepared.fingerprint["file_count"] == 3
+
+
+# --- verified caches and odd paths -------------------------------------------------------------
+
+
+def test_a_damaged_token_cache_is_rebuilt_and_said(tmp_path, capsys):
+    path = tmp_path / "t.txt"
+    path.write_text("hello world, the cache test\n" * 100)
+    cfg = data_config(tmp_path, dataset=str(path))
+    clean = np.array(prepare_data(cfg).train)
+    cached = max((tmp_path / "cache" / "tokens").glob("*.npy"), key=lambda p: p.stat().st_size)  # the train split's
+    assert token_cache.digest_path(cached).exists()
+    with cached.open("r+b") as handle:  # garbage ids that are still in range: only the checksum can tell
+        handle.seek(-8, os.SEEK_END)
+        handle.write(bytes([1, 0, 2, 0, 3, 0, 1, 0]))
+    capsys.readouterr()
+    again = prepare_data(cfg)
+    assert np.array_equal(np.array(again.train), clean)
+    err = capsys.readouterr().err
+    assert str(cached) in err and "rebuilding" in err and "damaged" in err
+    token_cache.digest_path(cached).unlink()  # no stored digest (an older version, or a crash): rebuilt too
+    assert np.array_equal(np.array(prepare_data(cfg).train), clean)
+    assert "no stored checksum" in capsys.readouterr().err and token_cache.digest_path(cached).exists()
+
+
+def test_a_fifo_as_the_dataset_is_named(tmp_path):
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    with pytest.raises(UserError) as error:
+        prepare_data(data_config(tmp_path, dataset=str(fifo)))
+    assert "not a regular file" in one_line(error) and str(fifo) in one_line(error)
+    folder = tmp_path / "docs"  # a FIFO inside a dataset directory is skipped, not read (which would hang)
+    folder.mkdir()
+    (folder / "a.txt").write_text("some text\n" * 50)
+    (folder / "b.txt").write_text("more text\n" * 50)
+    os.mkfifo(folder / "pipe.txt")
+    assert prepare_data(data_config(tmp_path, dataset=str(folder))).fingerprint["file_count"] == 2
+
+
+def test_a_cache_dir_that_is_a_file_is_named(tmp_path):
+    (tmp_path / "blocker").write_text("x")
+    path = tmp_path / "t.txt"
+    path.write_text("abc" * 100)
+    for cache_dir in (tmp_path / "blocker", tmp_path / "blocker" / "sub"):
+        with pytest.raises(UserError) as error:
+            prepare_data(DataConfig(dataset=str(path), cache_dir=str(cache_dir)))
+        assert "data.cache_dir" in one_line(error) and "is a file" in one_line(error)

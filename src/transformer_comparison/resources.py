@@ -29,10 +29,10 @@ from __future__ import annotations
 
 import math
 import os
-from unittest import mock
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import torch
 

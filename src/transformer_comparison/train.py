@@ -37,7 +37,7 @@ from transformer_comparison.errors import UserError
 from transformer_comparison.model import GPT, build_model
 from transformer_comparison.position import position_names
 from transformer_comparison.resources import MemoryEstimate, is_out_of_memory
-from transformer_comparison.resume import config_hash, flat_config
+from transformer_comparison.resume import flat_config
 from transformer_comparison.run_dir import RunDir, check_run_path, contents, is_run_directory
 from transformer_comparison.runtime import Runtime, StepMemory, autocast, grad_scaler, peak_rss_bytes, setup_runtime
 from transformer_comparison.training_plan import Plan, plan_training, write_new_run, write_resumed_run
