@@ -5,13 +5,15 @@
 
 `execute` decides at the moment it runs whether the run is resumed or trained afresh, so a cell that
 is retried after its worker died (Ray's max_retries) continues from the run's last checkpoint. The
-trainer is a child process whose output goes to the run's train.log; it is killed with the process
-that started it (PR_SET_PDEATHSIG on Linux), so a killed worker or comparison leaves no trainer
-behind to race its own retry.
+trainer is a child process whose output goes to the run's train.log; it dies with the process that
+started it (`run_lock.die_with_parent`, Linux): SIGTERM under the local executor (the trainer
+checkpoints and stops when the comparison is killed), SIGKILL under Ray (a retry of the cell must
+not meet the dead worker's trainer, which would still hold the run directory's lock).
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import shlex
 import signal
@@ -27,6 +29,7 @@ from typing import Callable, Literal
 from transformer_comparison.artifacts.comparison import COMPARISON_FILE, CellRecord, Scalar, read_cell_record, write_cell_record
 from transformer_comparison.artifacts.run import CHECKPOINT_FILE, RunSummary, read_summary
 from transformer_comparison.errors import UserError
+from transformer_comparison.run_lock import die_with_parent
 
 Action = Literal["skip", "resume", "fresh"]
 INTERRUPTED_CODES = (130, 143, -signal.SIGINT, -signal.SIGTERM)
@@ -45,6 +48,7 @@ class CellJob:
     resume_args: list[str]  # ... and to continue one from its checkpoint
     sweep: dict[str, Scalar] = field(default_factory=dict)
     executor: str = "local"
+    death_signal: int = signal.SIGTERM  # what the trainer gets when the process that started it dies
 
     @property
     def run_dir(self) -> Path:
@@ -95,25 +99,6 @@ def last_line(path: Path, offset: int) -> str:
     return lines[-1] if lines else ""
 
 
-def _parent_death_signal() -> Callable[[], None] | None:
-    """A pre-exec hook that asks Linux to SIGKILL the child when its parent dies (None elsewhere).
-    prctl is looked up here, in the parent, so that the hook only makes the system call."""
-    if not sys.platform.startswith("linux"):
-        return None
-    import ctypes
-
-    prctl = ctypes.CDLL(None, use_errno=True).prctl
-    PR_SET_PDEATHSIG = 1
-
-    def hook() -> None:
-        prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-
-    return hook
-
-
-DIE_WITH_PARENT = _parent_death_signal()
-
-
 def check_shared_directory(job: CellJob) -> None:
     """Runs are written straight into the comparison directory: on a cluster it must be on a
     filesystem every node mounts at the same path."""
@@ -159,7 +144,7 @@ def execute(job: CellJob, env: dict[str, str], on_start: Callable[[subprocess.Po
         log.flush()
         offset = log.tell()
         process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                   preexec_fn=DIE_WITH_PARENT)
+                                   preexec_fn=functools.partial(die_with_parent, job.death_signal))
         if on_start is not None:
             on_start(process)
         try:

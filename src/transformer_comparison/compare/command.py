@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
@@ -14,7 +13,7 @@ import time
 from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from transformer_comparison import report
 from transformer_comparison.artifacts.comparison import (COMPARISON_FILE, CellRecord, Comparison, Environment, Grid,
@@ -28,6 +27,7 @@ from transformer_comparison.compare.sweeps import split_sweep
 from transformer_comparison.config import config_to_yaml
 from transformer_comparison.errors import UserError
 from transformer_comparison.presets import PRESETS, Preset
+from transformer_comparison.run_lock import lock_directory
 
 EXECUTORS = ("local", "ray")
 MATCHES = ("params",)
@@ -210,7 +210,8 @@ def cell_job(plan: Plan, cell: Cell, group: str, executor: str) -> CellJob:
              "--wandb_group", group, *cell.overrides()]
     resume = ["train", "--resume", str(run_dir), "--wandb_group", group]
     return CellJob(name=cell.name, attention_type=cell.attention_type, position_embedding=cell.position_embedding, seed=cell.seed,
-                   out=str(plan.out.resolve()), fresh_args=fresh, resume_args=resume, sweep=cell.sweep, executor=executor)
+                   out=str(plan.out.resolve()), fresh_args=fresh, resume_args=resume, sweep=cell.sweep, executor=executor,
+                   death_signal=signal.SIGKILL if executor == "ray" else signal.SIGTERM)
 
 
 def describe(record: CellRecord, run_dir: Path) -> str:
@@ -255,23 +256,6 @@ def run_cells(plan: Plan, comparison: Comparison, executor: LocalExecutor | RayE
     return counts
 
 
-@contextlib.contextmanager
-def exclusive(out: Path) -> Iterator[None]:
-    """Hold DIR/.lock for the whole comparison, so that two `tcompare compare` never train the same runs."""
-    out.mkdir(parents=True, exist_ok=True)
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: no lock
-        yield
-        return
-    with (out / ".lock").open("w") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            raise UserError(f"another `tcompare compare` is running in {out}; wait for it to finish or stop it") from None
-        yield
-
-
 def run(args: argparse.Namespace) -> int:
     check_choice(args.executor, EXECUTORS, "--executor")
     check_choice(args.match, MATCHES, "--match")
@@ -283,7 +267,8 @@ def run(args: argparse.Namespace) -> int:
 
         import_ray()  # a missing Ray is an error before anything is written
     existing = check_output_dir(plan)
-    with exclusive(plan.out), StopFlag() as stop:
+    plan.out.mkdir(parents=True, exist_ok=True)
+    with lock_directory(plan.out, "comparison directory"), StopFlag() as stop:  # one `tcompare compare` per directory
         comparison = prepare_output_dir(plan, existing, command_line(args), jobs, executor)
         report.write_results(plan.out)
         counts = run_cells(plan, comparison, executor, jobs, stop)
