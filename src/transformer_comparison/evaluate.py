@@ -27,10 +27,7 @@ comparison report reuses it); `read_extrapolation_csv(path)` reads the CSV back 
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import math
-import os
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -41,13 +38,15 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from transformer_comparison.artifacts.evaluation import CSV_COLUMNS, ExtrapolationRow
+from transformer_comparison.artifacts.io import read_csv, write_csv
 from transformer_comparison.errors import UserError
 from transformer_comparison.numerics import flush_subnormals
+from transformer_comparison.plots import Panel, loglog_figure, number, save_png
+from transformer_comparison.resources import check_fits, evaluation_memory, is_out_of_memory
+from transformer_comparison.validation import windows_to_batch
 
-CSV_COLUMNS = [
-    "eval_length", "stride", "val_loss", "val_perplexity",
-    "num_windows", "tokens_scored", "train_context_length", "attention_type", "position_embedding",
-]
+__all__ = ["CSV_COLUMNS", "evaluate_lengths", "plot_extrapolation", "read_extrapolation_csv", "score_windows", "window_plan"]
 DEFAULT_BATCH_TOKENS = 4096  # default windows per forward pass: max(1, DEFAULT_BATCH_TOKENS // L)
 DEFAULT_LENGTHS = "64,128,256,512,1024"
 
@@ -152,8 +151,6 @@ def window_plan(num_tokens: int, length: int, stride: int | None = None, max_win
 @torch.no_grad()
 def score_windows(model: torch.nn.Module, tokens: np.ndarray, plan: WindowPlan, batch_size: int, device: torch.device) -> float:
     """Mean next-token loss (nats) over the scored targets of `plan`; the model is put in eval mode."""
-    from transformer_comparison.validation import windows_to_batch
-
     if plan.num_windows == 0:
         raise ValueError("score_windows needs at least one window")
     was_training = model.training
@@ -247,23 +244,42 @@ def run(args: argparse.Namespace) -> int:
     run_dir: Path = args.run
     out_csv: Path = args.out or run_dir / "extrapolation.csv"
 
+    if out_csv.is_dir():
+        raise UserError(f"--out {out_csv} is a directory; give the CSV file to write (e.g. {out_csv / 'extrapolation.csv'})")
+
     model, val, cfg = load_run_and_validation(run_dir, device)
-    rows, skipped = evaluate_lengths(model, val, lengths, stride, max_windows, batch_size, device)
+    check_eval_memory(model, cfg, lengths, batch_size, device)
+    try:
+        rows, skipped = evaluate_lengths(model, val, lengths, stride, max_windows, batch_size, device)
+    except Exception as error:
+        if is_out_of_memory(error):
+            raise UserError(f"out of memory evaluating {run_dir} ({' '.join(str(error).split())[:120]}); "
+                            "give smaller --lengths or --batch_size") from None
+        raise
     if not rows:
         raise UserError(f"no evaluation length fits the validation split of {run_dir} ({len(val)} tokens): "
                         f"lengths up to {len(val) - 1} can be evaluated")
-    for row in rows:
-        row.update(train_context_length=cfg.model.context_length, attention_type=cfg.attention.type,
-                   position_embedding=cfg.position.type)
+    table = [ExtrapolationRow(**row, train_context_length=cfg.model.context_length, attention_type=cfg.attention.type,
+                              position_embedding=cfg.position.type) for row in rows]
     for length, why in skipped.items():
         print(f"tcompare eval: skipping length {length}: {why}", file=sys.stderr)
 
-    out_csv.parent.mkdir(parents=True, exist_ok=True)
-    write_extrapolation_csv(rows, out_csv)
-    out_png = plot_extrapolation({f"{cfg.attention.type} + {cfg.position.type}": rows}, out_csv.with_suffix(".png"))
+    write_extrapolation_csv(table, out_csv)
+    out_png = plot_extrapolation({f"{cfg.attention.type} + {cfg.position.type}": [r.model_dump() for r in table]},
+                                 out_csv.with_suffix(".png"))
     print(format_table(rows, skipped, cfg.model.context_length))
     print(f"wrote {out_csv} and {out_png}")
     return 0
+
+
+def check_eval_memory(model: torch.nn.Module, cfg: Any, lengths: Sequence[int], batch_size: int | None, device: torch.device) -> None:
+    """Refuse (before evaluating anything) a length whose forward pass cannot fit in memory."""
+    vocab_size = model.config.vocab_size
+    for length in lengths:
+        batch = batch_size or max(1, DEFAULT_BATCH_TOKENS // length)
+        estimate = evaluation_memory(cfg, vocab_size, batch, length)
+        check_fits(estimate, device, f"evaluating at length {length} ({batch} window{'s' * (batch > 1)} per pass)",
+                   "give smaller --lengths (or --batch_size)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -284,39 +300,21 @@ def format_table(rows: Sequence[Mapping[str, Any]], skipped: Mapping[int, str], 
     return "\n".join(lines)
 
 
-def write_extrapolation_csv(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
-    """Write rows with CSV_COLUMNS (first) atomically; losses with full float precision."""
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({key: (repr(value) if isinstance(value, float) else value) for key, value in row.items()})
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(buffer.getvalue())
-    os.replace(tmp, path)
+def write_extrapolation_csv(rows: Sequence[ExtrapolationRow], path: Path) -> None:
+    """Write rows (CSV_COLUMNS, in order) atomically; losses with full float precision."""
+    write_csv(path, rows, ExtrapolationRow)
 
 
 def read_extrapolation_csv(path: str | Path) -> list[dict[str, Any]]:
-    """Rows of an extrapolation.csv with int / float columns typed (strings stay strings)."""
-    ints = {"eval_length", "stride", "num_windows", "tokens_scored", "train_context_length"}
-    floats = {"val_loss", "val_perplexity"}
+    """Rows of an extrapolation.csv as dicts with numbers typed (a missing loss or perplexity is nan);
+    UserError naming the file and line if it is not one."""
     rows = []
-    with Path(path).open(newline="") as handle:
-        for raw in csv.DictReader(handle):
-            row: dict[str, Any] = dict(raw)
-            for key in ints & row.keys():
-                row[key] = int(row[key]) if row[key] not in (None, "") else None
-            for key in floats & row.keys():
-                row[key] = float(row[key]) if row[key] not in (None, "") else math.nan
-            rows.append(row)
+    for row in read_csv(path, ExtrapolationRow):
+        values = row.model_dump()
+        for key in ("val_loss", "val_perplexity"):
+            values[key] = math.nan if values[key] is None else values[key]
+        rows.append(values)
     return rows
-
-
-def _number(value: Any) -> float:
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return math.nan
 
 
 def plot_extrapolation(rows_by_run: Mapping[str, Sequence[Mapping[str, Any]]], path: str | Path, title: str | None = None) -> Path:
@@ -325,50 +323,22 @@ def plot_extrapolation(rows_by_run: Mapping[str, Sequence[Mapping[str, Any]]], p
     rows_by_run: {legend label: rows}, each row a mapping with `eval_length` and `val_perplexity`
     (numbers or numeric strings, e.g. straight from csv.DictReader or read_extrapolation_csv) and
     optionally `train_context_length`. Points with a missing or non-finite perplexity are left out.
-    The x axis is log2 (ticks at the plotted lengths), the y axis log when the perplexities span more
-    than a factor of 5 (linear otherwise); every distinct training context is marked by a dotted
-    vertical line. Returns the path written. Uses matplotlib's object API (no pyplot state).
+    Drawn by plots.loglog_figure (the one log-log plot of every command): x log2 with ticks at the
+    plotted lengths, y log when the perplexities span more than a factor of 5, every distinct
+    training context a dotted vertical line. Returns the path written.
     """
-    from matplotlib.figure import Figure
-
     path = Path(path)
-    fig = Figure(figsize=(6.4, 4.2))
-    ax = fig.subplots()
-    contexts: set[int] = set()
-    lengths: set[float] = set()
-    values: list[float] = []
-    plotted = 0
-    for label, rows in rows_by_run.items():
-        points = sorted(
-            (_number(row.get("eval_length")), _number(row.get("val_perplexity"))) for row in rows
-        )
-        points = [(x, y) for x, y in points if math.isfinite(x) and math.isfinite(y) and x > 0 and y > 0]
-        contexts |= {int(c) for c in (_number(row.get("train_context_length")) for row in rows) if math.isfinite(c)}
-        if points:
-            ax.plot([x for x, _ in points], [y for _, y in points], marker="o", ms=4, label=str(label))
-            lengths |= {x for x, _ in points}
-            values += [y for _, y in points]
-            plotted += 1
-    for context in sorted(contexts):
-        ax.axvline(context, color="grey", linestyle=":", linewidth=1.2, label=f"training context ({context})")
-    if plotted:
-        ax.set_xscale("log", base=2)
-        if max(values) / min(values) > 5:  # a log y axis only when perplexities span a wide range
-            ax.set_yscale("log")
-        ticks = sorted(lengths | set(contexts))
-        ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
-        ax.legend(fontsize=8)
-    else:
+    rows = [{**row, "run": str(label)} for label, run_rows in rows_by_run.items() for row in run_rows]
+    contexts = {number(row.get("train_context_length")) for row in rows}
+    fig = loglog_figure(rows, "eval_length", [Panel("val_perplexity", "validation perplexity")], line="run",
+                        xlabel="evaluation length (tokens)", title=title or "Length extrapolation",
+                        vlines=sorted(c for c in contexts if math.isfinite(c)), log_y=None)
+    if fig is None:
+        from matplotlib.figure import Figure
+
+        fig = Figure(figsize=(6.4, 4.2))
+        ax = fig.subplots()
         ax.text(0.5, 0.5, "no finite perplexities to plot", ha="center", va="center", transform=ax.transAxes)
-    ax.set_xlabel("evaluation length (tokens)")
-    ax.set_ylabel("validation perplexity")
-    ax.set_title(title or "Length extrapolation")
-    ax.grid(alpha=0.3, which="both")
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(buffer.getvalue())
-    os.replace(tmp, path)
+        ax.set_title(title or "Length extrapolation")
+    save_png(fig, path)
     return path

@@ -13,16 +13,21 @@ cached path from between context_length // 2 and context_length.
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 import torch
 
-from transformer_comparison.checkpoint import load_checkpoint
+from transformer_comparison.artifacts.run import IDENTITY_FILE, read_identity
+from transformer_comparison.checkpoint import check_identity, load_checkpoint
 from transformer_comparison.config import Config, load_config
 from transformer_comparison.data import Tokenizer, load_tokenizer
 from transformer_comparison.errors import UserError
 from transformer_comparison.model import GPT
 from transformer_comparison.numerics import flush_subnormals
+from transformer_comparison.resume import flat_config
+
+MAX_NEW_TOKENS = 1_000_000  # about a quarter of an hour of CPU decoding of a small model; more is a typo
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,15 +43,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def load_run(run_dir: Path) -> tuple[GPT, Tokenizer, Config]:
-    """The trained model (eval mode, CPU), its tokenizer and config, from a run directory."""
-    from transformer_comparison.train import build_model
+    """The trained model (eval mode, CPU), its tokenizer and config, from a run directory; its
+    checkpoint verified (checksum, and run id and config against run.json)."""
+    from transformer_comparison.model import build_model
 
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"--run {run_dir} is a file; give a run directory written by tcompare train")
     for name in ("config.yaml", "tokenizer.json", "checkpoints/latest.pt"):
         if not (run_dir / name).is_file():
             raise UserError(f"{run_dir} is not a finished tcompare run: {name} is missing")
     cfg = load_config(run_dir / "config.yaml")
     tokenizer = load_tokenizer(run_dir / "tokenizer.json")
-    state = load_checkpoint(run_dir / "checkpoints" / "latest.pt")
+    checkpoint = run_dir / "checkpoints" / "latest.pt"
+    state = load_checkpoint(checkpoint)  # verified against its checksum
+    if (run_dir / IDENTITY_FILE).is_file():  # and it is this run's, trained with this config
+        check_identity(state, checkpoint, read_identity(run_dir).run_id, flat_config(cfg))
     model = build_model(cfg, cfg.model.vocab_size or tokenizer.vocab_size)
     try:
         model.load_state_dict(state["model"])
@@ -91,10 +102,12 @@ def next_token(logits: torch.Tensor, temperature: float, top_k: int | None, gene
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.max_new_tokens < 0:
-        raise UserError(f"--max_new_tokens must be >= 0, got {args.max_new_tokens}")
-    if args.temperature < 0:
-        raise UserError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
+    if not 0 <= args.max_new_tokens <= MAX_NEW_TOKENS:
+        raise UserError(f"--max_new_tokens must be between 0 and {MAX_NEW_TOKENS:,}, got {args.max_new_tokens:,}")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise UserError(f"--temperature must be a finite number >= 0 (0 = greedy), got {args.temperature}")
+    if not 0 <= args.seed < 2**63:
+        raise UserError(f"--seed must be between 0 and 2**63 - 1, got {args.seed}")
     if args.top_k is not None and args.top_k < 1:
         raise UserError(f"--top_k must be >= 1, got {args.top_k}")
     flush_subnormals()
