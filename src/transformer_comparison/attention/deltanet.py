@@ -13,12 +13,13 @@ for beta in (0, 1); q is then scaled by 1/sqrt(d) (flash-linear-attention's defa
 from `layer_inputs` ({"beta": (B, H, n)}). `output_norm` RMS-normalises each head's output (the
 per-head RMSNorm of the paper's layer, its gain absorbed by the model's output projection).
 
-Training: the chunk-wise WY / UT form of Yang et al. 2024 (`recurrent.chunked_delta_rule`): per chunk
-of C positions, one batched unit-lower-triangular solve (I + tril(diag(beta) K K^T, -1)) [W U'] =
-diag(beta) [K V] gives the WY representation of the chunk's product of Householder-like factors;
-a loop over the n/C chunks carries the state (U = U' - W S, S <- S + K^T U) and the outputs are
-Q S + tril(Q K^T) U, batched. Time O(n C d + n d^2) (the solve is O(C^2 d) per chunk), memory
-O(n C + (n/C) d^2) per head. Decoding: S (d x d per head), O(d^2) per token.
+Training: the chunk-wise WY / UT form of Yang et al. 2024 (`chunked_delta_rule`): per chunk of C
+positions, the unit lower triangular system (I + tril(diag(beta) K K^T, -1)) [W U'] = diag(beta) [K V]
+gives the WY representation of the chunk's product of Householder-like factors; it is solved for all
+chunks at once through the inverse of its matrix (blocked forward substitution over blocks of 16,
+`invert_unit_lower`, with its own backward). A loop over the n/C chunks carries the state
+(U = U' - W S, S <- S + K^T U) and the outputs Q S + tril(Q K^T) U are batched over all chunks.
+Time O(n C d + n C^2 + n d^2) (the inverse is O(C^3) per chunk), memory O(n C + (n/C) d^2) per head. Decoding: S (d x d per head), O(d^2) per token.
 
 Positions: RoPE rotates the normalised q and k at their absolute positions (rotations keep the unit
 norm; the output depends only on inner products among the rotated q and k, hence on relative
@@ -167,12 +168,12 @@ class WriteStrength(nn.Module):
 
 
 def delta_rule_flops(batch: int, heads: int, nk: int, head_dim: int, chunk_size: int, gated: bool) -> float:
-    """Chunk-wise delta rule over nk keys: K K^T and Q K^T (4 C d per position), the triangular solve
-    for W and U' (2 C d), the loop's W S and K^T U (4 d^2), the outputs Q S and (Q K^T) U (2 d^2 + 2 C d),
-    plus the decay masks (4 C) when gated."""
+    """Chunk-wise delta rule over nk keys, per position: K K^T, Q K^T and (Q K^T) U (2 C d each), T [K V]
+    (4 C d), the inverse (about 2/3 C^2), the loop's W S and K^T U and the read-out Q S (2 d^2 each),
+    plus the decay masks and factors (4 C + 4 d) when gated."""
     chunk, chunks, padded = chunk_counts(nk, chunk_size)
     d = head_dim
-    per_position = 8 * chunk * d + 6 * d * d + (4 * chunk if gated else 0)
+    per_position = 10 * chunk * d + 2 * chunk * chunk / 3 + 6 * d * d + (4 * chunk + 4 * d if gated else 0)
     return float(batch * heads * (padded * per_position + chunks * d * d))
 
 

@@ -11,12 +11,13 @@ the delta rule's write strength; both come from `layer_inputs` as {"log_decay": 
 scaled by 1/sqrt(d) (flash-linear-attention's default); `output_norm` RMS-normalises each head's
 output (the paper's per-head RMSNorm before its output gate, gain absorbed by the output projection).
 
-Training: the chunk-wise WY / UT form with decay (`recurrent.chunked_delta_rule`): with b_t the
-chunk-local cumulative log alpha, one batched unit-lower-triangular solve per chunk with
-L_tj = beta_t exp(b_t - b_j) k_t . k_j gives W = T diag(beta exp(b)) K and U' = T diag(beta) V; a loop
+Training: the chunk-wise WY / UT form with decay (`deltanet.chunked_delta_rule`): with b_t the
+chunk-local cumulative log alpha, the inverse T of the unit lower triangular I + L per chunk, with
+L_tj = beta_t exp(b_t - b_j) k_t . k_j (j < t), gives W = T diag(beta exp(b)) K and U' = T diag(beta) V; a loop
 over the n/C chunks carries S (U = U' - W S, S <- exp(b_C) S + (K exp(b_C - b))^T U); outputs
 exp(b) Q S + (Q K^T * exp(b_t - b_j)) U. Every factor is exp of a non-positive number: no overflow.
-Time O(n C d + n d^2), memory O(n C + (n/C) d^2) per head. Decoding: S (d x d per head), O(d^2) per token.
+Time O(n C d + n C^2 + n d^2), memory O(n C + (n/C) d^2) per head. Decoding: S (d x d per head), O(d^2)
+per token.
 
 Positions: RoPE rotates the normalised q and k at their absolute positions. ALiBi adds -m_h to
 log alpha_t (its bias taken out of the exponent). Grouped kv heads: k and v are expanded to the

@@ -13,17 +13,16 @@ RMS-normalises each head's output (the paper's per-head LayerNorm / RMSNorm befo
 gate, whose gain the model's output projection absorbs; the output gate itself is not part of this
 kernel).
 
-Training: the paper's chunk-wise form with secondary chunking (`recurrent.chunked_linear_channel_decay`),
-entirely in log space: b_t = the chunk-local cumulative log alpha; every decay factor formed is
-exp(b_t - b_j) with t >= j, hence <= 1, so n = 8192 with strong decay neither overflows nor
-underflows into NaN. Inside a chunk of C positions, sub-chunks of 16 read earlier sub-chunks by one
-matmul through a reference point between them (both factors <= 1). The diagonal 16 x 16 blocks are
-one matmul through the sub-chunk's midpoint when no sub-chunk decays by more than 40 nats (factors
-within e^+-20: exact to rounding), and otherwise an elementwise loop over the 16 key positions whose
-backward recomputes the factors (never a (C, C, d) tensor). Across chunks the state is decayed by
-exp(b_C) per channel. Time O(n C d + n d^2), memory
-O(n C + (n/C) d^2) per head (plus (C/16) n d for the reference-scaled keys). Decoding: S (d x d per
-head), O(d^2) per token.
+Training: the paper's chunk-wise form with secondary chunking (`chunked_linear_channel_decay`),
+in log space: b_t is the chunk-local cumulative log alpha, and n = 8192 with strong decay neither
+overflows nor underflows into NaN. Inside a chunk of C positions, sub-chunks of 16 read earlier
+sub-chunks by one matmul through a reference point between them (factors exp(b_t - r) and
+exp(r - b_j), both <= 1). The diagonal 16 x 16 blocks are one matmul through the sub-chunk's midpoint
+when no sub-chunk decays by more than 40 nats (factors within e^+-20: exact to rounding), and
+otherwise an elementwise loop over the 16 key positions whose backward recomputes the factors
+(never a (C, C, d) tensor). Across chunks the state is decayed by exp(b_C) per channel.
+Time O(n C d + n d^2), memory O(n C + (n/C) d^2) per head, plus (C/16) n d for the reference-scaled
+keys. Decoding: S (d x d per head), O(d^2) per token.
 
 Positions: RoPE rotates the scaled q and k at their absolute positions before the gated sum (the
 per-channel decay does not commute with rotations, so scores are not a function of t - j alone, as

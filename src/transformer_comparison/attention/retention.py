@@ -10,9 +10,9 @@ with the paper's multi-scale schedule gamma_h = 1 - 2^(-5 - h), h = 0 .. H - 1 (
 for H heads: head 0 forgets within ~32 tokens, head h within ~2^(5+h)). The 1/sqrt(d) scaling is the
 paper's (and flash-linear-attention's). The paper rotates q and k by xPos-like angles: that is
 `rope` here; without RoPE the decay is retention's only sense of order. Each head's output is
-normalised by its RMS when `output_norm` is on (the paper's per-head GroupNorm; the affine part is
-absorbed by the model's output projection); that also makes the paper's parallel-form normalisers
-unnecessary (it notes they cancel under GroupNorm).
+divided by its RMS when `output_norm` is on: the paper normalises each head with GroupNorm,
+flash-linear-attention's RetNet with an RMSNorm; their gain is absorbed by the model's output
+projection. Under such a normalisation the paper's parallel-form normalisers cancel, so there are none.
 
 Training: the paper's chunk-wise form (`recurrent.chunked_linear_scalar_decay`): inside a chunk of
 C positions the masked C x C decay matrix, across chunks the state S decayed by gamma^C per chunk.
@@ -54,8 +54,7 @@ def retention_log_decays(heads: int, dtype: torch.dtype, device: torch.device) -
 class Retention(RecurrentKernel):
     """RetNet's multi-scale retention, chunk-wise in training and recurrent when decoding.
 
-    chunk_size: positions per chunk of the chunk-wise form. output_norm: RMS-normalise each head's
-    output (the paper's GroupNorm without its affine part).
+    chunk_size: positions per chunk of the chunk-wise form. output_norm: RMS-normalise each head's output.
     """
 
     display_order = 6  # where it is listed (tables, CLI help)
