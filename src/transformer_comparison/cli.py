@@ -1,12 +1,19 @@
-"""The `tcompare` command line: one sub-command per module, each exposing add_arguments() and run()."""
+"""The `tcompare` command line: one sub-command per module, each exposing add_arguments() and run().
+
+Every command takes `section.key=value` config overrides anywhere on the line (argparse reads one
+block of positionals; the ones it leaves over are collected here), and every usage error is one line
+on stderr with exit status 2, like the errors the commands raise themselves.
+"""
 
 from __future__ import annotations
 
 import argparse
 import importlib
 import os
+import re
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from transformer_comparison.errors import UserError
 
@@ -18,12 +25,23 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "report": ("transformer_comparison.report", "rebuild a comparison's report from its saved results"),
     "bench": ("transformer_comparison.bench", "kernel and decoding benchmarks"),
     "eval": ("transformer_comparison.evaluate", "length extrapolation of a trained run"),
+    "probe": ("transformer_comparison.probe", "recall probes: multi-query associative recall (MQAR)"),
+    "list": ("transformer_comparison.listing", "the registered mechanisms and encodings, with their options"),
 }
+OVERRIDE = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+=.*", re.DOTALL)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, with a usage error printed as one line (`--help` still shows the usage)."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"{self.prog}: error: {' '.join(message.split())}", file=sys.stderr)
+        raise SystemExit(2)
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     """The full parser; with `only`, the named sub-command's module is the only one imported."""
-    parser = argparse.ArgumentParser(prog="tcompare", description="Compare attention mechanisms and positional encodings on language modelling.")
+    parser = OneLineParser(prog="tcompare", description="Compare attention mechanisms and positional encodings on language modelling.")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
         sub = subparsers.add_parser(name, help=help_text, description=help_text)
@@ -34,17 +52,32 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def parse(argv: list[str]) -> argparse.Namespace:
+    """Parse the line; overrides after other arguments join `args.overrides`, anything else unknown is an error."""
+    parser = build_parser(only=argv[0] if argv and argv[0] in COMMANDS else None)
+    args, extras = parser.parse_known_args(argv)
+    overrides = [item for item in extras if OVERRIDE.fullmatch(item)]
+    unknown = [item for item in extras if not OVERRIDE.fullmatch(item)]
+    if overrides and not hasattr(args, "overrides"):
+        unknown = extras
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if overrides:
+        args.overrides = [*(args.overrides or []), *overrides]
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser(only=argv[0] if argv and argv[0] in COMMANDS else None)
-    args = parser.parse_args(argv)
+    command = argv[0] if argv and argv[0] in COMMANDS else "tcompare"
     try:
+        args = parse(argv)
         return int(args.handler(args) or 0)
     except (UserError, ValueError) as error:
         if os.environ.get("TCOMPARE_DEBUG"):
             raise
-        print(f"tcompare {args.command}: error: {error}", file=sys.stderr)
+        print(f"tcompare {command}: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"tcompare {args.command}: interrupted", file=sys.stderr)
+        print(f"tcompare {command}: interrupted", file=sys.stderr)
         return 130
