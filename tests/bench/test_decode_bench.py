@@ -21,12 +21,13 @@ def test_tiny_run_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     trained = run_cli("train", "--config", str(config), "--out", str(run_dir))
     assert trained.returncode == 0, trained.stderr
     out = tmp_path / "bench"
-    rc = main(["bench", "decode", "--run", str(run_dir), "--contexts", "8,4,40", "--out", str(out), *FAST])
+    mechanisms = ["dot_product", "linear", "sparse", "local", "gqa", "flash"]
+    rc = main(["bench", "decode", "--run", str(run_dir), "--contexts", "8,4,40", "--out", str(out),
+               "--mechanisms", ",".join(mechanisms), *FAST])
     assert rc == 0
     columns, rows = read_csv(out / "decode.csv")
     assert columns[:6] == ["mechanism", "position_embedding", "context_length", "ms_per_token", "cache_bytes", "status"]
     assert columns[6:8] == ["threads", "batch"]
-    mechanisms = ["dot_product", "linear", "sparse", "local", "gqa", "flash"]
     assert [(r["mechanism"], int(r["context_length"])) for r in rows] == [(m, c) for m in mechanisms for c in (4, 8, 40)]
     for row in rows:
         assert row["status"] == "ok", row
@@ -44,7 +45,7 @@ def test_tiny_run_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     for name in ("decode_latency.png", "decode_cache.png"):
         assert (out / name).stat().st_size > 0
     printed = capsys.readouterr().out
-    assert "local: cache constant" in printed and "exactly kv_heads/heads = 0.5" in printed
+    assert "local: cache constant" in printed and "linear: cache constant" in printed and "dot_product: cache x10" in printed
 
 
 def test_a_timeout_is_recorded_and_later_contexts_skipped(tmp_path: Path) -> None:
@@ -75,9 +76,9 @@ def test_a_failing_case_is_recorded_not_raised(tmp_path: Path) -> None:
     (["--config", "CONFIG", "--run", "RUN"], "give exactly one of --run DIR and --config FILE"),
     (["--config", "CONFIG", "--contexts", "128,x"], "--contexts: 'x' is not an integer"),
     (["--config", "CONFIG", "--contexts", "0"], "--contexts: 0 must be >= 1"),
-    (["--config", "CONFIG", "--mechanisms", "dot_product,nope"], "unknown mechanism nope"),
+    (["--config", "CONFIG", "--mechanisms", "dot_product,nope"], "--mechanisms: unknown nope; valid: dot_product"),
     (["--config", "CONFIG", "--new_tokens", "0"], "--new_tokens must be >= 1"),
-    (["--config", "CONFIG", "--position_embedding", "learned"], "--position_embedding 'learned' is not one of"),
+    (["--config", "CONFIG", "--position_embedding", "learned"], "--position_embedding: unknown learned; valid: sinusoidal"),
     (["--config", "CONFIG", "model.d_model=30"], "not divisible by model.num_heads"),
     (["--run", "RUN"], "is not a finished tcompare run"),
 ])
@@ -87,23 +88,24 @@ def test_bad_input_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str
     out = tmp_path / "bench"
     assert main(["bench", "decode", *args, "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("tcompare bench: error: ") and message in err and "\n" not in err
+    assert err.startswith("tcompare bench") and "error: " in err and message in err and "\n" not in err
     assert not out.exists()
 
 
-def test_checks_report_the_expected_shapes() -> None:
-    def row(mechanism: str, c: int, ms: float, cache: int) -> dict:
-        return {"mechanism": mechanism, "context_length": c, "ms_per_token": ms, "cache_bytes": cache, "status": "ok"}
+def test_checks_report_each_mechanism_the_same_way() -> None:
+    from transformer_comparison.artifacts.bench import DecodeRow
+
+    def row(mechanism: str, c: int, ms: float, cache: int) -> DecodeRow:
+        return DecodeRow(mechanism=mechanism, position_embedding="rope", context_length=c, ms_per_token=ms,
+                         cache_bytes=cache, status="ok")
 
     rows = [row("linear", 128, 9.0, 10), row("linear", 256, 1.0, 10), row("linear", 8192, 1.3, 10),
             row("local", 16, 1.0, 100), row("local", 64, 1.0, 120), row("local", 128, 1.0, 120),
-            row("dot_product", 64, 1.0, 800), row("gqa", 64, 1.0, 200)]
-    cases = [{"mechanism": "local", "options": {"window": 32}},
-             {"mechanism": "gqa", "kv_heads": 1, "config": {"model": {"num_heads": 4}}}]
-    notes = decode.checks(rows, cases)
-    assert notes[0].startswith("linear: ms/token 1.000 at 256, 1.300 at 8192") and "+30%" in notes[0]
-    assert notes[1] == "local: cache constant at 120 bytes for contexts >= window 32 (2 contexts)"
-    assert notes[2] == "gqa: cache / dot_product's = 0.25, exactly kv_heads/heads = 0.25 (1 contexts)"
+            row("dot_product", 64, 1.0, 800), row("dot_product", 256, 1.5, 3200)]
+    notes = decode.checks(rows)
+    assert notes[0] == "linear: ms/token 1.000 at 256 -> 1.300 at 8192 (+30%); cache constant at 10 bytes from context 128"
+    assert notes[1] == "local: cache constant at 120 bytes from context 64"
+    assert notes[2] == "dot_product: cache x4 from 64 to 256"
 
 
 def test_registered_as_a_bench_subcommand() -> None:

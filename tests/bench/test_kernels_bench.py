@@ -10,7 +10,9 @@ import torch
 
 from tests.helpers import read_csv
 from transformer_comparison.attention import build_attention
-from transformer_comparison.bench import kernels
+from transformer_comparison.artifacts.bench import KernelRow
+from transformer_comparison.bench import kernel_case, kernels
+from transformer_comparison.bench.common import run_child
 from transformer_comparison.bench.memory import measure_peak, memtracker_peak
 from transformer_comparison.cli import main
 from transformer_comparison.position import Rotary, alibi_slopes
@@ -44,11 +46,26 @@ def test_end_to_end_writes_csv_and_plots(tmp_path: Path) -> None:
 def test_position_embedding_reaches_every_case(tmp_path: Path) -> None:
     out = tmp_path / "bench"
     rc = main(["bench", "kernels", "--lengths", "48", "--mechanisms", "flash,local,torch_sdpa", "--passes",
-               "forward_backward", "--position_embedding", "alibi", "--window", "16", "--out", str(out), *FAST])
+               "forward_backward", "--position_embedding", "alibi", "--out", str(out), *FAST, "attention.window=16"])
     assert rc == 0
     _, rows = read_csv(out / "kernels.csv")
     assert [(r["mechanism"], r["status"], r["position_embedding"]) for r in rows] == [
         ("flash", "ok", "alibi"), ("local", "ok", "alibi"), ("torch_sdpa", "ok", "alibi")]
+    assert rows[1]["options"] == "window=16"
+
+
+@pytest.mark.slow
+def test_every_registered_mechanism_runs_with_its_own_inputs(tmp_path: Path) -> None:
+    """Mechanisms that own projections (gates, decays) get them from their layer_inputs; all rows ok."""
+    from transformer_comparison.attention.registry import registered_names
+
+    out = tmp_path / "bench"
+    rc = main(["bench", "kernels", "--lengths", "40", "--passes", "forward_backward", "--heads", "2", "--head_dim", "8",
+               "--out", str(out), *FAST])
+    assert rc == 0
+    _, rows = read_csv(out / "kernels.csv")
+    assert [r["mechanism"] for r in rows] == [*registered_names(), "torch_sdpa"]
+    assert all(r["status"] == "ok" and float(r["gflops_per_second"]) > 0 for r in rows), rows
 
 
 @pytest.mark.parametrize("causal", [True, False])
@@ -61,20 +78,20 @@ def test_torch_sdpa_baseline_computes_what_dot_product_does(position: str, kv_he
     k, v = (torch.randn(2, kv_heads, 12, 8, generator=g, dtype=torch.float64) for _ in range(2))
     args = {"alibi_slopes": alibi_slopes(4, torch.float64)} if position == "alibi" else {"rope": Rotary(10000.0)}
     expected = build_attention("dot_product")(q, k, v, causal=causal, **args)
-    torch.testing.assert_close(kernels.reference_sdpa(q, k, v, causal=causal, **args), expected)
+    torch.testing.assert_close(kernel_case.reference_sdpa(q, k, v, causal=causal, **args), expected)
     if causal:  # end-aligned queries, as when decoding
-        torch.testing.assert_close(kernels.reference_sdpa(q[:, :, -3:], k, v, causal=True, **args), expected[:, :, -3:])
+        torch.testing.assert_close(kernel_case.reference_sdpa(q[:, :, -3:], k, v, causal=True, **args), expected[:, :, -3:])
 
 
 def test_crossover_rows_per_mechanism_pass_and_metric() -> None:
-    def row(mechanism: str, n: int, time_ms: float | None, memory: int | None, status: str = "ok") -> dict:
-        return {"mechanism": mechanism, "seq_len": n, "pass": "forward", "time_ms": time_ms,
-                "peak_memory_bytes": memory, "status": status}
+    def row(mechanism: str, n: int, time_ms: float | None, memory: int | None, status: str = "ok") -> KernelRow:
+        return KernelRow(mechanism=mechanism, seq_len=n, **{"pass": "forward"}, time_ms=time_ms,
+                         peak_memory_bytes=memory, status=status)
 
     rows = [row("dot_product", 100, 1.0, 400), row("dot_product", 400, 16.0, 6400),
             row("dot_product", 1600, None, None, "oom"),
             row("flash", 100, 4.0, 100), row("flash", 400, 4.0, 400), row("flash", 1600, 16.0, 1600)]
-    got = {(r["mechanism"], r["metric"]): r["crossover_seq_len"] for r in kernels.crossovers(rows)}
+    got = {(r.mechanism, r.metric): r.crossover_seq_len for r in kernels.crossovers(rows)}
     assert got == {("flash", "time"): "200", ("flash", "memory"): "below smallest length"}
 
 
@@ -113,7 +130,7 @@ def test_out_of_memory_is_recorded(tmp_path: Path) -> None:
     if not Path("/proc/self/status").exists():
         pytest.skip("the memory cap needs Linux /proc")
     case = case_for("dot_product", 1024, "forward") | {"memory_limit": 0.002}  # 2 MiB: the 32 MiB scores cannot fit
-    assert kernels.run_case(case, timeout=120)["status"] == "oom"
+    assert run_child("transformer_comparison.bench.kernel_case", case, kernel_case.RESULT_PREFIX, 120)["status"] == "oom"
 
 
 def case_for(mechanism: str, n: int, pass_name: str) -> dict:
@@ -130,19 +147,20 @@ def test_memory_covers_the_score_matrix_grows_with_n_and_repeats() -> None:
     heads = 8
     peaks = {}
     for n in (512, 1024):
-        result = kernels.measure_case(case_for("dot_product", n, "forward"))
+        result = kernel_case.measure_case(case_for("dot_product", n, "forward"))
         assert result["status"] == "ok"
         peaks[n] = result["peak_memory_bytes"]
         assert peaks[n] >= heads * n * n * 4  # the float32 score matrix alone
     assert peaks[1024] > 3 * peaks[512]  # O(n^2)
-    again = kernels.measure_case(case_for("dot_product", 512, "forward"))["peak_memory_bytes"]
+    again = kernel_case.measure_case(case_for("dot_product", 512, "forward"))["peak_memory_bytes"]
     assert again == peaks[512]
 
 
 def test_allocator_peak_agrees_with_memtracker_for_unfused_ops() -> None:
     case = case_for("dot_product", 256, "forward_backward")
-    inputs = kernels.make_inputs(case, 256)
-    step = kernels.make_step(build_attention("dot_product"), inputs, True, "forward_backward")
+    attn = build_attention("dot_product")
+    inputs, extra = kernel_case.make_inputs(case, 256, attn)
+    step = kernel_case.make_step(attn, inputs, extra, True, "forward_backward", {})
     step()
     device = torch.device("cpu")
     peak = measure_peak(step, device, inputs)
@@ -153,14 +171,20 @@ def test_allocator_peak_agrees_with_memtracker_for_unfused_ops() -> None:
 
 def test_crossover_interpolates_in_log_space() -> None:
     # ratio 2 at n=100, 0.5 at n=400: log-linear, ratio 1 at n=200
-    assert kernels.crossover([100, 400], [2.0, 0.5]) == "200"
-    assert kernels.crossover([100, 400], [0.5, 0.25]) == "below smallest length"
-    assert kernels.crossover([100, 400], [0.5, 1.5]) == "never"
-    assert kernels.crossover([100, 400], [2.0, None]).startswith("<= 400")
-    assert kernels.crossover([], []) == "no data"
+    assert kernels.crossover([100, 400], [2.0, 0.5], "base") == "200"
+    assert kernels.crossover([100, 400], [0.5, 0.25], "base") == "below smallest length"
+    assert kernels.crossover([100, 400], [0.5, 1.5], "base") == "never"
+    assert kernels.crossover([100, 400], [2.0, None], "base").startswith("<= 400")
+    assert kernels.crossover([], [], "base") == "no data"
 
 
-def test_gqa_defaults_to_a_quarter_of_the_heads() -> None:
-    assert kernels.default_kv_heads("gqa", 8) == 2
-    assert kernels.default_kv_heads("gqa", 14) == 2  # largest divisor of 14 that is <= 3
-    assert kernels.default_kv_heads("dot_product", 8) == 8
+def test_options_and_kv_heads_come_from_the_config_and_the_mechanism() -> None:
+    gqa, local = case_for("gqa", 64, "forward"), case_for("local", 64, "forward")
+    assert gqa["kv_heads"] == 4 and local["kv_heads"] == 8  # gqa's own policy: half of 8 heads
+    assert local["options"] == {"window": 32}  # the one default, the config's and the kernel's
+    parser = argparse.ArgumentParser()
+    kernels.add_arguments(parser)
+    ns = parser.parse_args(["--lengths", "64", "--mechanisms", "local,gqa", "--passes", "forward", "--device", "cpu",
+                            "attention.local.window=128", "attention.gqa.kv_heads=2"])
+    local, gqa = kernels.build_cases(ns)
+    assert local["options"] == {"window": 128} and gqa["kv_heads"] == 2

@@ -61,6 +61,7 @@ class AttentionKernel(ABC):
     name: ClassVar[str]
     supports_non_causal: ClassVar[bool] = True
     has_entropy: ClassVar[bool] = True  # False: no attention distribution; entropy is None
+    is_baseline: ClassVar[bool] = False  # the mechanism the others are compared against (dot_product)
     refused_positions: ClassVar[dict[str, str]] = {}  # encoding -> why this mechanism refuses it
 
     def __call__(

@@ -46,6 +46,7 @@ class DotProductAttention(AttentionKernel):
     """Materialised softmax attention; no options."""
 
     display_order = 0  # where it is listed (tables, CLI help)
+    is_baseline = True  # the reference every other mechanism is compared with
 
     def __init__(self) -> None:
         pass

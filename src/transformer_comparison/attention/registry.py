@@ -37,6 +37,12 @@ def registered_names() -> tuple[str, ...]:
     return MECHANISMS.names()
 
 
+def baseline_name() -> str:
+    """The mechanism others are compared against (the one whose class sets `is_baseline`)."""
+    names = [name for name in registered_names() if kernel_class(name).is_baseline]
+    return names[0] if names else registered_names()[0]
+
+
 def kernel_class(name: str) -> type[AttentionKernel]:
     return MECHANISMS.get(name)
 

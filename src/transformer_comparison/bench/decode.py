@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import queue
-import signal
 import statistics
 import subprocess
 import sys
@@ -31,18 +30,16 @@ from typing import Any
 
 import torch
 
-from transformer_comparison.bench.kernels import (
-    error_status, format_loglog, format_value, parse_list, parse_positive_ints, resolve_device, write_csv,
+from transformer_comparison.artifacts.bench import DecodeRow
+from transformer_comparison.artifacts.io import write_csv
+from transformer_comparison.bench.common import (
+    child_exit_status, choose, comma_list, error_status, options_text, positive_ints, resolve_device,
 )
 from transformer_comparison.errors import UserError
 from transformer_comparison.numerics import flush_subnormals
+from transformer_comparison.plots import Panel, loglog_figure, save_png
 
-CSV_COLUMNS = ("mechanism", "position_embedding", "context_length", "ms_per_token", "cache_bytes", "status")
-EXTRA_COLUMNS = (
-    "threads", "batch", "allocated_bytes", "weights", "device", "d_model", "num_heads", "kv_heads", "num_layers",
-    "vocab_size", "train_context_length", "options",
-)
-DEFAULT_CONTEXTS = "128,256,512,1024,2048,4096,8192"
+DEFAULT_CONTEXTS = [128, 256, 512, 1024, 2048, 4096, 8192]
 DEFAULT_VOCAB_SIZE = 256  # --config without model.vocab_size: the byte tokenizer's size
 PREFILL_CHUNK = 512  # tokens per prefill call while filling a cache
 WARMUP_TOKENS = 2  # untimed steps before the timed ones, at each context
@@ -54,11 +51,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a run directory: its config, its trained weights for its own mechanism (others: "
                              "randomly initialised models of the same config)")
     parser.add_argument("--config", type=Path, metavar="FILE", help="a YAML config; randomly initialised models of it")
-    parser.add_argument("--mechanisms", default=None, help="comma-separated mechanisms (default: all six)")
+    parser.add_argument("--mechanisms", type=comma_list, default=None,
+                        help="comma-separated mechanisms (default: every registered one)")
     parser.add_argument("--position_embedding", default=None,
-                        help="sinusoidal, rope or alibi (default: the run's or config's position.type)")
-    parser.add_argument("--contexts", default=DEFAULT_CONTEXTS,
-                        help="comma-separated context lengths, tokens already in the cache (default: %(default)s)")
+                        help="a registered encoding (default: the run's or config's position.type)")
+    parser.add_argument("--contexts", type=positive_ints, default=DEFAULT_CONTEXTS,
+                        help="comma-separated context lengths, tokens already in the cache "
+                             "(default: 128,256,512,1024,2048,4096,8192)")
     parser.add_argument("--new_tokens", type=int, default=16, help="timed one-token steps per context (default: %(default)s)")
     parser.add_argument("--batch", type=int, default=1, help="sequences decoded together (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=None,
@@ -71,10 +70,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 # --------------------------------------------------------------------------- validation (parent)
-
-
-def parse_contexts(text: str) -> list[int]:
-    return parse_positive_ints(text, "contexts", "256,4096")
 
 
 def base_config(args: argparse.Namespace) -> tuple[Any, int, str | None]:
@@ -98,30 +93,29 @@ def base_config(args: argparse.Namespace) -> tuple[Any, int, str | None]:
 
 def build_cases(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Validate the command line and return one JSON-able case per mechanism (all its contexts)."""
-    from transformer_comparison.attention import ATTENTION_TYPES
+    from transformer_comparison.attention.registry import kernel_class, registered_names
     from transformer_comparison.config import kernel_options_for, kv_heads_for, with_overrides
-    from transformer_comparison.position import POSITION_TYPES
+    from transformer_comparison.position import position_names
 
-    contexts = parse_contexts(args.contexts)
+    contexts = args.contexts
     for name in ("new_tokens", "batch", "threads"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise UserError(f"--{name} must be >= 1, got {value}")
     if not args.timeout > 0:
         raise UserError(f"--timeout must be > 0 seconds, got {args.timeout}")
-    mechanisms = parse_list(args.mechanisms, "mechanisms") if args.mechanisms is not None else list(ATTENTION_TYPES)
-    unknown = [m for m in mechanisms if m not in ATTENTION_TYPES]
-    if unknown:
-        raise UserError(f"unknown mechanism {', '.join(unknown)}; valid: {', '.join(ATTENTION_TYPES)}")
+    mechanisms = choose(args.mechanisms or list(registered_names()), registered_names(), "--mechanisms")
     device = resolve_device(args.device)
     cfg, vocab_size, run_dir = base_config(args)
     position = args.position_embedding or cfg.position.type
-    if position not in POSITION_TYPES:
-        raise UserError(f"--position_embedding {position!r} is not one of {', '.join(POSITION_TYPES)}")
+    choose([position], position_names(), "--position_embedding")
     threads = args.threads or torch.get_num_threads()
 
     cases = []
     for mechanism in mechanisms:
+        if position in kernel_class(mechanism).refused_positions:
+            print(f"  {mechanism} skipped: {kernel_class(mechanism).refused_positions[position]}", file=sys.stderr)
+            continue
         cfg_m = with_overrides(cfg, [f"attention.type={mechanism}", f"position.type={position}"])
         trained = run_dir is not None and (mechanism, position) == (cfg.attention.type, cfg.position.type)
         cases.append({
@@ -230,17 +224,6 @@ def case_main(argv: list[str] | None = None) -> int:
 # --------------------------------------------------------------------------- parent
 
 
-def exit_status(proc: subprocess.Popen, stderr_lines: list[str]) -> str:
-    """Why a child ended without reporting: killed (by the OOM killer: 'oom'), or its last stderr line."""
-    code = proc.wait()
-    if code == -signal.SIGKILL:
-        return "oom"
-    if code < 0:
-        return f"killed by signal {signal.Signals(-code).name}"
-    lines = [line.strip() for line in stderr_lines if line.strip()]
-    return (lines[-1] if lines else f"exit status {code}")[:300]
-
-
 def run_mechanism(case: dict[str, Any], timeout: float) -> list[dict[str, Any]]:
     """Run one mechanism's child; one result per context, the contexts after a failure marked skipped."""
     command = [sys.executable, "-m", "transformer_comparison.bench.decode", "--case", json.dumps(case)]
@@ -273,7 +256,7 @@ def run_mechanism(case: dict[str, Any], timeout: float) -> list[dict[str, Any]]:
             if result is None:
                 for reader in readers:
                     reader.join(timeout=5)
-                out.append({"context_length": context, "status": exit_status(proc, stderr_lines)})
+                out.append({"context_length": context, "status": child_exit_status(proc.wait(), "".join(stderr_lines))})
                 break
             out.append({**result, "context_length": context})
             if result["status"] != "ok":
@@ -288,111 +271,87 @@ def run_mechanism(case: dict[str, Any], timeout: float) -> list[dict[str, Any]]:
     return out
 
 
-def make_row(case: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:
+def make_row(case: dict[str, Any], result: dict[str, Any]) -> DecodeRow:
     model = case["config"]["model"]
-    return {
-        "mechanism": case["mechanism"], "position_embedding": case["position_embedding"],
-        "context_length": result["context_length"], "ms_per_token": result.get("ms_per_token"),
-        "cache_bytes": result.get("cache_bytes"), "status": result["status"],
-        "threads": case["threads"], "batch": case["batch"], "allocated_bytes": result.get("allocated_bytes"),
-        "weights": "trained" if case["run"] else "random", "device": case["device"],
-        "d_model": model["d_model"], "num_heads": model["num_heads"], "kv_heads": case["kv_heads"],
-        "num_layers": model["num_layers"], "vocab_size": case["vocab_size"],
-        "train_context_length": model["context_length"],
-        "options": " ".join(f"{k}={v}" for k, v in case["options"].items()),
-    }
+    return DecodeRow(
+        mechanism=case["mechanism"], position_embedding=case["position_embedding"],
+        context_length=result["context_length"], ms_per_token=result.get("ms_per_token"),
+        cache_bytes=result.get("cache_bytes"), status=result["status"],
+        threads=case["threads"], batch=case["batch"], allocated_bytes=result.get("allocated_bytes"),
+        weights="trained" if case["run"] else "random", device=case["device"],
+        d_model=model["d_model"], num_heads=model["num_heads"], kv_heads=case["kv_heads"],
+        num_layers=model["num_layers"], vocab_size=case["vocab_size"],
+        train_context_length=model["context_length"], options=options_text(case["options"]),
+    )
 
 
-def print_table(rows: list[dict[str, Any]]) -> None:
-    header = ["mechanism", "position", "context", "ms/token", "cache_KiB", "status"]
-    lines = [header]
-    for row in rows:
-        lines.append([
-            row["mechanism"], row["position_embedding"], str(row["context_length"]),
-            f"{row['ms_per_token']:.3f}" if row["ms_per_token"] is not None else "-",
-            f"{row['cache_bytes'] / 1024:.1f}" if row["cache_bytes"] is not None else "-",
-            row["status"],
-        ])
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    for line in lines:
-        cells = [cell.rjust(w) if i in (2, 3, 4) else cell.ljust(w) for i, (cell, w) in enumerate(zip(line, widths))]
-        print("  ".join(cells).rstrip())
+def print_table(rows: list[DecodeRow]) -> None:
+    import pandas as pd
+
+    print(pd.DataFrame([{
+        "mechanism": r.mechanism, "position": r.position_embedding, "context": r.context_length,
+        "ms/token": "-" if r.ms_per_token is None else f"{r.ms_per_token:.3f}",
+        "cache_KiB": "-" if r.cache_bytes is None else f"{r.cache_bytes / 1024:.1f}", "status": r.status,
+    } for r in rows]).to_string(index=False))
 
 
-def checks(rows: list[dict[str, Any]], cases: list[dict[str, Any]]) -> list[str]:
-    """The expected shapes of the curves, as measured: linear's flat latency, local's constant cache,
-    gqa's cache ratio. Reported, not asserted."""
-    def ok(mechanism: str, column: str) -> dict[int, float]:
-        return {r["context_length"]: r[column] for r in rows
-                if r["mechanism"] == mechanism and r["status"] == "ok" and r[column] is not None}
-
+def checks(rows: list[DecodeRow]) -> list[str]:
+    """How each mechanism's latency and memory grow with the context, as measured (reported, not
+    asserted): latency change from the first context >= 256 to the last, and whether the cache is
+    constant or by how much it grows; the same for every mechanism, whatever it is."""
     notes = []
-    linear = {c: t for c, t in ok("linear", "ms_per_token").items() if c >= 256}
-    if len(linear) >= 2:
-        lo, hi = min(linear), max(linear)
-        change = max((t / linear[lo] - 1 for t in linear.values()), key=abs)
-        notes.append(f"linear: ms/token {linear[lo]:.3f} at {lo}, {linear[hi]:.3f} at {hi}; largest change from {lo}: "
-                     f"{change:+.0%} (target within +-25%)")
-    local_case = next((c for c in cases if c["mechanism"] == "local"), None)
-    if local_case is not None:
-        window = local_case["options"].get("window")
-        beyond = {c: b for c, b in ok("local", "cache_bytes").items() if window is not None and c >= window}
-        if beyond:
-            constant = len(set(beyond.values())) == 1
-            notes.append(f"local: cache {'constant at ' + format_value(next(iter(beyond.values()))) + ' bytes' if constant else 'NOT constant'} "
-                         f"for contexts >= window {window} ({len(beyond)} contexts)")
-    gqa, dense = ok("gqa", "cache_bytes"), ok("dot_product", "cache_bytes")
-    common = sorted(set(gqa) & set(dense))
-    gqa_case = next((c for c in cases if c["mechanism"] == "gqa"), None)
-    if common and gqa_case is not None:
-        ratios = {gqa[c] / dense[c] for c in common}
-        expected = gqa_case["kv_heads"] / gqa_case["config"]["model"]["num_heads"]
-        verdict = "exactly" if ratios == {expected} else "NOT"
-        notes.append(f"gqa: cache / dot_product's = {', '.join(f'{r:.4g}' for r in sorted(ratios))}, {verdict} "
-                     f"kv_heads/heads = {expected:.4g} ({len(common)} contexts)")
+    for mechanism in dict.fromkeys(r.mechanism for r in rows):
+        ok = sorted((r.context_length, r) for r in rows if r.mechanism == mechanism and r.status == "ok")
+        timed = [(c, r.ms_per_token) for c, r in ok if c >= 256 and r.ms_per_token]
+        cached = [(c, r.cache_bytes) for c, r in ok if r.cache_bytes is not None]
+        parts = []
+        if len(timed) >= 2:
+            (c0, t0), (c1, t1) = timed[0], timed[-1]
+            parts.append(f"ms/token {t0:.3f} at {c0} -> {t1:.3f} at {c1} ({t1 / t0 - 1:+.0%})")
+        if len(cached) >= 2:
+            constant_from = next((c for c, b in cached if all(b2 == b for c2, b2 in cached if c2 >= c)), None)
+            (c0, b0), (c1, b1) = cached[0], cached[-1]
+            parts.append(f"cache constant at {b1:,} bytes from context {constant_from}" if constant_from is not None
+                         and constant_from < c1 else f"cache x{b1 / b0:.3g} from {c0} to {c1}")
+        if parts:
+            notes.append(f"{mechanism}: " + "; ".join(parts))
     return notes
 
 
-def plot(rows: list[dict[str, Any]], column: str, ylabel: str, title: str, path: Path, scale: float = 1.0) -> None:
-    """Log-log plot of `column` against context_length, one line per mechanism."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for mechanism in dict.fromkeys(r["mechanism"] for r in rows):
-        points = sorted((r["context_length"], r[column] * scale) for r in rows
-                        if r["mechanism"] == mechanism and r["status"] == "ok" and r[column])
-        if points:
-            xs, ys = zip(*points)
-            ax.plot(xs, ys, marker="o", label=mechanism)
-    format_loglog(ax, sorted({r["context_length"] for r in rows}), "context length (tokens in the cache)", ylabel, title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+def plot(rows: list[DecodeRow], out_dir: Path) -> None:
+    records = [r.model_dump() for r in rows if r.status == "ok"]
+    for panel, title, filename in (
+        (Panel("ms_per_token", "median time per token (ms)"), "decoding one token", "decode_latency.png"),
+        (Panel("cache_bytes", "cache / state (MiB, all layers)", 2**20), "decoding memory", "decode_cache.png"),
+    ):
+        fig = loglog_figure(records, "context_length", [panel], line="mechanism", title=title,
+                            xlabel="context length (tokens in the cache)")
+        if fig is not None:
+            save_png(fig, out_dir / filename, dpi=120)
 
 
 def run(args: argparse.Namespace) -> int:
     cases = build_cases(args)
     out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"--out {out_dir} is a file, not a directory")
+    if not cases:
+        raise UserError("no mechanism to benchmark: every one asked for refuses this position embedding")
     first = cases[0]
     model = first["config"]["model"]
     print(f"tcompare bench decode: {len(cases)} mechanisms x {len(first['contexts'])} contexts on {first['device']} "
           f"({first['threads']} threads), {first['position_embedding']}, batch {first['batch']}, d_model {model['d_model']}, "
           f"{model['num_layers']} layers, {model['num_heads']} heads, {'trained run' if args.run else 'random weights'}",
           file=sys.stderr)
-    rows: list[dict[str, Any]] = []
+    rows: list[DecodeRow] = []
     for case in cases:
         print(f"  {case['mechanism']} ...", file=sys.stderr, flush=True)
         for result in run_mechanism(case, args.timeout):
             rows.append(make_row(case, result))
-        write_csv(out_dir / "decode.csv", rows, CSV_COLUMNS + EXTRA_COLUMNS)
+        write_csv(out_dir / "decode.csv", rows, DecodeRow)
     print_table(rows)
-    plot(rows, "ms_per_token", "median time per token (ms)", "decoding one token", out_dir / "decode_latency.png")
-    plot(rows, "cache_bytes", "cache / state (MiB, all layers)", "decoding memory", out_dir / "decode_cache.png", scale=1 / 2**20)
-    notes = checks(rows, cases)
+    plot(rows, out_dir)
+    notes = checks(rows)
     if notes:
         print()
         for note in notes:
