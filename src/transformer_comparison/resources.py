@@ -27,8 +27,10 @@ exceeds the device's total memory (RAM or cgroup limit on CPU, the GPU's memory 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -76,14 +78,26 @@ def evaluation_memory(cfg: Any, vocab_size: int, batch: int, length: int) -> Mem
     return MemoryEstimate(params, 0, logits + (per_layer or 0), per_layer is not None)
 
 
-def _trace(cfg: Any, vocab_size: int, batch: int, length: int, autocast_dtype: torch.dtype | None) -> tuple[int, int | None]:
-    """(parameter bytes, saved-activation bytes at `length` or None when tracing failed)."""
+@contextlib.contextmanager
+def meta_model(cfg: Any, vocab_size: int) -> Iterator[torch.nn.Module]:
+    """The config's model on the meta device (shapes, no data, no RNG use), for counting and tracing."""
     from transformer_comparison.model import build_model
 
     # Meta tensors have shapes and no data. Initialising them would go through torch._refs, whose
     # first use imports torch._dynamo (seconds); their values do not matter, so normal_ is skipped.
     with torch.random.fork_rng(devices=[]), torch.device("meta"), mock.patch.object(torch.nn.init, "normal_", _keep):
-        model = build_model(cfg, vocab_size)
+        yield build_model(cfg, vocab_size)
+
+
+def flops_per_token(cfg: Any, vocab_size: int) -> float:
+    """The model's training FLOPs per token (GPT.flops_per_token), without building its weights."""
+    with meta_model(cfg, vocab_size) as model:
+        return float(model.flops_per_token())
+
+
+def _trace(cfg: Any, vocab_size: int, batch: int, length: int, autocast_dtype: torch.dtype | None) -> tuple[int, int | None]:
+    """(parameter bytes, saved-activation bytes at `length` or None when tracing failed)."""
+    with meta_model(cfg, vocab_size) as model:
         params = sum(p.numel() * p.element_size() for p in model.parameters())
         try:
             traced = min(length, TRACE_MAX_LENGTH)

@@ -3,7 +3,7 @@
 A resume continues the same training: the same model, data, optimiser and batches. Only keys that
 say how long to train, how often to evaluate, log and checkpoint, and where to run may change:
 
-    training.max_steps  training.num_epochs  training.time_budget_seconds
+    training.max_steps  training.num_epochs  training.time_budget_seconds  training.flop_budget
     training.eval_interval  training.checkpoint_interval  training.device  training.compile
     logging.*  data.cache_dir
 
@@ -24,7 +24,7 @@ from pydantic import BaseModel
 from transformer_comparison.errors import UserError
 
 RESUMABLE_KEYS = frozenset({
-    "training.max_steps", "training.num_epochs", "training.time_budget_seconds", "training.eval_interval",
+    "training.max_steps", "training.num_epochs", "training.time_budget_seconds", "training.flop_budget", "training.eval_interval",
     "training.checkpoint_interval", "training.device", "training.compile", "data.cache_dir",
 })
 RESUMABLE_SECTIONS = frozenset({"logging"})

@@ -308,10 +308,16 @@ class StopRequest:
 
     def __init__(self) -> None:
         self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
 
     def install(self) -> None:
         for signum in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(signum, self.request)
+            self._previous[signum] = signal.signal(signum, self.request)
+
+    def uninstall(self) -> None:
+        """Give the signals back to whoever had them (the CLI: KeyboardInterrupt; a caller's own handlers)."""
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
 
     def request(self, signum: int, _frame: Any) -> None:
         self.signum = signum
@@ -387,10 +393,18 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, overwrite: bool = Fa
 
 
 def train_loop(s: Session, state: TrainState) -> int:
-    cfg, rt, max_steps = s.cfg, s.rt, s.max_steps
-    start_step = state.step
     stop = StopRequest()
     stop.install()
+    try:
+        return run_steps(s, state, stop)
+    finally:
+        stop.uninstall()
+
+
+def run_steps(s: Session, state: TrainState, stop: StopRequest) -> int:
+    """Train from state.step to the end (or a stop request, or the time budget); write the summary."""
+    cfg, rt, max_steps = s.cfg, s.rt, s.max_steps
+    start_step = state.step
     progress = tqdm(total=max_steps, initial=start_step, disable=not (rt.is_main and cfg.logging.progress), unit="step", dynamic_ncols=True)
     window_start, window_steps = time.perf_counter(), 0
     time_budget = cfg.training.time_budget_seconds

@@ -30,7 +30,7 @@ from transformer_comparison.checkpoint import check_identity, load_checkpoint
 from transformer_comparison.config import Config, load_config, save_config
 from transformer_comparison.data import PreparedData, load_tokenizer, prepare_data
 from transformer_comparison.errors import UserError
-from transformer_comparison.resources import MemoryEstimate, check_fits, training_memory
+from transformer_comparison.resources import MemoryEstimate, check_fits, flops_per_token, training_memory
 from transformer_comparison.resume import check_overrides, config_hash, flat_config
 from transformer_comparison.run_dir import RunDir
 from transformer_comparison.runtime import Runtime
@@ -58,12 +58,18 @@ class Plan:
     already_complete: bool = False  # a resume of a finished run: nothing to do
 
 
-def total_steps(cfg: Config, train_tokens: int) -> int:
+def total_steps(cfg: Config, train_tokens: int, vocab_size: int) -> int:
+    """training.max_steps, or the steps of training.num_epochs; no more than training.flop_budget buys."""
     t = cfg.training
-    if t.max_steps is not None:
-        return t.max_steps
     tokens_per_step = t.batch_size * t.gradient_accumulation_steps * cfg.model.context_length
-    return max(1, math.ceil(t.num_epochs * train_tokens / tokens_per_step))
+    steps = t.max_steps if t.max_steps is not None else max(1, math.ceil(t.num_epochs * train_tokens / tokens_per_step))
+    budget = getattr(t, "flop_budget", None)
+    if budget is not None:
+        per_step = flops_per_token(cfg, vocab_size) * tokens_per_step
+        if budget < per_step:
+            raise UserError(f"training.flop_budget={budget:g} is less than one training step ({per_step:.3g} FLOPs); raise it")
+        steps = min(steps, int(budget // per_step))
+    return steps
 
 
 def plan_training(cfg: Config, run_dir: Path, resume: bool, rt: Runtime) -> Plan:
@@ -76,7 +82,7 @@ def plan_training(cfg: Config, run_dir: Path, resume: bool, rt: Runtime) -> Plan
         raise UserError(f"model.vocab_size ({vocab_size}) is smaller than the tokenizer's vocabulary ({data.tokenizer.vocab_size})")
     if len(data.train) <= cfg.model.context_length + 1:
         raise UserError(f"the training split has {len(data.train)} tokens, fewer than one context window ({cfg.model.context_length + 1})")
-    max_steps = total_steps(cfg, len(data.train))
+    max_steps = total_steps(cfg, len(data.train), vocab_size)
     val_starts = validation_windows(data.val, cfg)
 
     identity, is_new, checkpoint, complete = new_identity(cfg, data), True, None, False
@@ -100,25 +106,25 @@ def resumed_identity(cfg: Config, data: PreparedData, run_dir: Path) -> tuple[Ru
     """The run's identity from run.json, after checking that the data and config still match it.
 
     A run written before run.json existed gets a new identity (and its tokenizer.json is checked)."""
+    identity, is_new = None, True
+    if (run_dir / artifacts.IDENTITY_FILE).exists():
+        identity, is_new = artifacts.read_identity(run_dir), False
+        now = DatasetFingerprint(**data.fingerprint)
+        if now != identity.dataset:
+            was, is_ = identity.dataset.model_dump(), now.model_dump()
+            key = next(k for k in was if was[k] != is_[k])
+            raise UserError(f"the data changed since the run in {run_dir} started: dataset {key} was {was[key]!r}, now "
+                            f"{is_[key]!r} ({identity.dataset.dataset}); a resume must train on the same data")
+        current = flat_config(cfg)
+        for key in sorted(identity.config.keys() & current.keys()):
+            if identity.config[key] != current[key]:
+                raise UserError(f"{run_dir / artifacts.CONFIG_FILE} says {key}={current[key]!r}, but the run was created "
+                                f"with {key}={identity.config[key]!r}; {key} cannot change on resume")
     tokenizer_path = run_dir / artifacts.TOKENIZER_FILE
     if tokenizer_path.exists() and load_tokenizer(tokenizer_path).identity != data.tokenizer.identity:
         raise UserError(f"the data rebuilt from {run_dir / artifacts.CONFIG_FILE} is tokenised differently from the run's "
-                        f"{tokenizer_path}: the dataset changed since the run started, so it cannot be resumed")
-    if not (run_dir / artifacts.IDENTITY_FILE).exists():
-        return new_identity(cfg, data), True
-    identity = artifacts.read_identity(run_dir)
-    now = DatasetFingerprint(**data.fingerprint)
-    if now != identity.dataset:
-        was, is_ = identity.dataset.model_dump(), now.model_dump()
-        key = next(k for k in was if was[k] != is_[k])
-        raise UserError(f"the data changed since the run in {run_dir} started: dataset {key} was {was[key]!r}, now "
-                        f"{is_[key]!r} ({identity.dataset.dataset}); a resume must train on the same data")
-    current = flat_config(cfg)
-    for key in sorted(identity.config.keys() & current.keys()):
-        if identity.config[key] != current[key]:
-            raise UserError(f"{run_dir / artifacts.CONFIG_FILE} says {key}={current[key]!r}, but the run was created with "
-                            f"{key}={identity.config[key]!r}; {key} cannot change on resume")
-    return identity, False
+                        f"{tokenizer_path}: the data changed since the run started, so it cannot be resumed")
+    return (new_identity(cfg, data), True) if identity is None else (identity, is_new)
 
 
 def verified_checkpoint(run_dir: Path, identity: RunIdentity, identity_is_new: bool, cfg: Config, max_steps: int) -> dict[str, Any] | None:
