@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import run_cli, tiny_config, write_corpus
+from tests.helpers import tiny_config, write_corpus
 from transformer_comparison.artifacts.run import RunSummary, read_summary
 from transformer_comparison.checkpoint import load_checkpoint
 from transformer_comparison.cli import main
