@@ -71,7 +71,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv[0] if argv and argv[0] in COMMANDS else "tcompare"
     try:
-        args = parse(argv)
+        try:
+            args = parse(argv)
+        except SystemExit as done:  # --help, or a usage error already printed as one line
+            return done.code if isinstance(done.code, int) else 2
         return int(args.handler(args) or 0)
     except (UserError, ValueError) as error:
         if os.environ.get("TCOMPARE_DEBUG"):
