@@ -248,7 +248,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--out {out_csv} is a directory; give the CSV file to write (e.g. {out_csv / 'extrapolation.csv'})")
 
     model, val, cfg = load_run_and_validation(run_dir, device)
-    check_eval_memory(model, cfg, lengths, batch_size, device)
+    check_eval_memory(model, cfg, [n for n in lengths if window_plan(len(val), n, stride, 1).num_windows], batch_size, device)
     try:
         rows, skipped = evaluate_lengths(model, val, lengths, stride, max_windows, batch_size, device)
     except Exception as error:
