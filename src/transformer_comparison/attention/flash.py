@@ -26,7 +26,8 @@ masked entries off slow subnormal arithmetic (see `_exp_`).
 
 `use_sdpa=True` dispatches to torch's `scaled_dot_product_attention` where that is the same maths
 without an n x n mask: no entropy requested, and either nq == nk without ALiBi or a single query
-(decoding, where the ALiBi bias is one row). Everything else takes the block-wise path.
+(decoding, where the ALiBi bias is one row). A single query without entropy (a decoding step) always
+takes SDPA, so decoding is fast whatever the option; everything else takes the block-wise path.
 """
 
 from __future__ import annotations
@@ -274,7 +275,8 @@ class FlashAttention(AttentionKernel):
         rope: Rotary | None, need_entropy: bool, **extra: Tensor,
     ) -> tuple[Tensor, Tensor | None]:
         q, k = rotate_qk(q, k, rope)
-        if self.use_sdpa and _sdpa_applies(q.shape[2], k.shape[2], alibi_slopes is not None, need_entropy):
+        single_query = q.shape[2] == 1  # a decoding step: one row, SDPA is the same maths with no n x n mask
+        if (self.use_sdpa or single_query) and _sdpa_applies(q.shape[2], k.shape[2], alibi_slopes is not None, need_entropy):
             return _sdpa(q, k, v, causal, alibi_slopes), None
         out, entropy = _FlashFunction.apply(q, k, v, alibi_slopes, causal, self.block_size, need_entropy)
         return out, (entropy if need_entropy else None)
