@@ -214,3 +214,41 @@ def test_two_process_ddp_on_cpu(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["status"] == "completed"
+
+
+def test_float16_trains_with_a_loss_scaler_and_resumes_exactly(tmp_path, monkeypatch):
+    from transformer_comparison import train as train_module
+
+    config = tiny_config(tmp_path, training={"max_steps": 8, "checkpoint_interval": 2, "dtype": "float16"})
+    assert main(["train", "--config", str(config), "--out", str(tmp_path / "reference")]) == 0
+    reference = load_checkpoint(tmp_path / "reference" / "checkpoints" / "latest.pt")
+    assert reference["scaler"]["scale"] > 1  # dynamic loss scaling is on
+
+    original = train_module.train_step
+
+    def interrupted_at_step_5(session, step):
+        if step == 5:
+            raise KeyboardInterrupt
+        return original(session, step)
+
+    monkeypatch.setattr(train_module, "train_step", interrupted_at_step_5)
+    assert main(["train", "--config", str(config), "--out", str(tmp_path / "run")]) == 130
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "latest.pt")["step"] == 4
+    monkeypatch.undo()
+    assert main(["train", "--resume", str(tmp_path / "run")]) == 0
+    resumed = load_checkpoint(tmp_path / "run" / "checkpoints" / "latest.pt")
+    assert resumed["scaler"] == reference["scaler"]
+    for name, tensor in reference["model"].items():
+        assert torch.equal(tensor, resumed["model"][name]), name
+
+
+def test_summary_and_metrics_read_back_into_the_typed_models(tmp_path):
+    from transformer_comparison.artifacts.run import eval_records, read_metrics, read_summary, train_records
+
+    config = tiny_config(tmp_path, training={"max_steps": 6, "eval_interval": 3})
+    assert main(["train", "--config", str(config), "--out", str(tmp_path / "run")]) == 0
+    summary = read_summary(tmp_path / "run")
+    records = read_metrics(tmp_path / "run")
+    assert [r.step for r in eval_records(records)] == [3, 6] and [r.step for r in train_records(records)] == [2, 4, 6]
+    assert summary.final_val_loss == eval_records(records)[-1].val_loss and summary.run_id
+    assert summary.dataset.train_tokens > 0 and summary.status == "completed"
