@@ -245,7 +245,7 @@ def test_kernel_options_are_the_mechanism_subsection():
         options = kernel_options_for(cfg)
         assert options == kernel_options(name)  # one set of defaults: the constructor's
         build_attention(name, **options)
-    assert kernel_options_for(load_config(None, ["attention.window=7"], attention_type="local")) == {"window": 7}
+    assert kernel_options_for(load_config(None, ["attention.window=7"], attention_type="local")) == {"window": 7, "sinks": 0}
     assert kernel_options_for(load_config(None, ["attention.use_sdpa=true"], attention_type="flash"))["use_sdpa"] is True
 
 

@@ -69,7 +69,7 @@ def test_a_copied_mechanism_file_is_a_new_mechanism_everywhere(package_with_a_co
     assert benched.returncode == 0, benched.stderr
     _, rows = read_csv(bench / "kernels.csv")
     assert [(r["mechanism"], r["status"]) for r in rows] == [("my_window", "ok"), ("local", "ok")]
-    assert rows[0]["gflops_per_second"] and rows[0]["options"] == rows[1]["options"] == "window=32"
+    assert rows[0]["gflops_per_second"] and rows[0]["options"] == rows[1]["options"] == "window=32 sinks=0"
 
     grid = tmp_path / "grid"
     compared = run([*tc, "compare", "--config", str(config), "--attention_types", "my_window",

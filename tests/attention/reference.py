@@ -33,6 +33,7 @@ def reference_attention(
     rope_base: float | None = None,
     window: int | None = None,
     top_k: int | None = None,
+    sinks: int = 0,
 ) -> tuple[Tensor, Tensor]:
     """Return (out, entropy) the way the issue defines each mechanism."""
     heads, nq, nk, d = q.shape[1], q.shape[2], k.shape[2], q.shape[3]
@@ -44,7 +45,7 @@ def reference_attention(
     if causal:
         visible &= dist >= 0
     if mechanism == "local":
-        visible &= dist < window
+        visible &= (dist < window) | (k_pos[None, :] < sinks)  # attention sinks: the first keys stay visible
     if mechanism == "linear":
         fq, fk = F.elu(q) + 1, F.elu(k) + 1
         denom_w = fq @ fk.transpose(-1, -2)

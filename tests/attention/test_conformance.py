@@ -73,7 +73,7 @@ def test_every_mechanism_builds_with_its_defaults(name):
 
 
 def test_the_classic_options_and_their_single_defaults():
-    assert kernel_options("local") == {"window": 32}
+    assert kernel_options("local") == {"window": 32, "sinks": 0}
     assert kernel_options("sparse") == {"top_k": 16, "query_chunk": 256}
     assert kernel_options("flash") == {"block_size": 256, "use_sdpa": False}
     assert kernel_options("gqa") == {"kv_heads": None} and kernel_options("dot_product") == {}
@@ -93,11 +93,17 @@ def test_an_unknown_option_is_refused_naming_the_valid_ones(name):
     assert all(option in str(error.value) for option in kernel_options(name))
 
 
-@pytest.mark.parametrize("bad", [0, -1, 2.5, "8", True])
+def lower_bound(name: str, option: str) -> int:
+    field = options_model(name).model_fields[option]
+    return next((meta.ge for meta in field.metadata if getattr(meta, "ge", None) is not None), 0)
+
+
+@pytest.mark.parametrize("bad", ["below", 2.5, "8", True])
 @pytest.mark.parametrize(("name", "option"), integer_options())
 def test_integer_options_are_checked(name, option, bad):
+    value = lower_bound(name, option) - 1 if bad == "below" else bad
     with pytest.raises(ValueError, match=option):
-        build_attention(name, **{option: bad})
+        build_attention(name, **{option: value})
 
 
 # --- the kernel API -----------------------------------------------------------------------------

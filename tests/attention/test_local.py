@@ -107,3 +107,44 @@ def test_decoding_touches_only_the_window_of_a_long_cache():
 @pytest.mark.parametrize("nk", [0, 5])
 def test_no_queries_give_empty_results(nk):
     assert_no_queries_give_empty_results(build_attention("local"), nk)
+
+
+# --- attention sinks ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("position", POSITIONS)
+@pytest.mark.parametrize(("n", "window", "sinks", "kv_heads"), [(7, 3, 1, 4), (11, 3, 4, 1), (40, 5, 2, 2), (9, 40, 3, 4)])
+def test_sinks_match_the_reference(band_layout, n, window, sinks, kv_heads, position):
+    q, k, v = make_qkv(2, 4, kv_heads, n, seed=n + sinks)
+    attn = build_attention("local", window=window, sinks=sinks)
+    assert_matches_reference("local", attn, q, k, v, position=position, window=window, sinks=sinks)
+
+
+@pytest.mark.parametrize("last", [1, 5])
+def test_sinks_with_end_aligned_queries(last):
+    q, k, v = make_qkv(1, 4, 2, 30, seed=last)
+    attn = build_attention("local", window=6, sinks=3)
+    assert_matches_reference("local", attn, q, k, v, position="alibi+rope", window=6, sinks=3, last=last)
+
+
+@pytest.mark.parametrize("position", POSITIONS)
+def test_sink_decoding_is_the_full_call_and_stays_bounded(position):
+    q, k, v = (t.detach() for t in make_qkv(1, 4, 2, 60, seed=1))
+    slopes = alibi_slopes(4, dtype=torch.float64) if "alibi" in position else None
+    rope = Rotary() if "rope" in position else None
+    attn = build_attention("local", window=8, sinks=3)
+    full = attn(q, k, v, alibi_slopes=slopes, rope=rope)
+    cache, rows, sizes = attn.new_cache(), [], []
+    for part in [slice(0, 5), *[slice(i, i + 1) for i in range(5, 60)]]:
+        rows.append(attn.decode(q[:, :, part], k[:, :, part], v[:, :, part], cache, alibi_slopes=slopes, rope=rope))
+        sizes.append(cache.nbytes)
+    torch.testing.assert_close(torch.cat(rows, dim=2), full, **TIGHT)
+    per_key = 2 * 2 * 8 * 8  # k and v, 2 kv heads, head_dim 8, float64
+    assert sizes[-1] == sizes[20] == (3 + 8 - 1) * per_key  # the sinks and the last window - 1 keys, constant
+
+
+def test_no_sinks_is_plain_local_attention():
+    q, k, v = make_qkv(1, 4, 2, 50, seed=3)
+    plain = build_attention("local", window=6)(q, k, v)
+    assert torch.equal(build_attention("local", window=6, sinks=0)(q, k, v), plain)
+    assert not torch.equal(build_attention("local", window=6, sinks=2)(q, k, v), plain)

@@ -181,10 +181,10 @@ def test_crossover_interpolates_in_log_space() -> None:
 def test_options_and_kv_heads_come_from_the_config_and_the_mechanism() -> None:
     gqa, local = case_for("gqa", 64, "forward"), case_for("local", 64, "forward")
     assert gqa["kv_heads"] == 4 and local["kv_heads"] == 8  # gqa's own policy: half of 8 heads
-    assert local["options"] == {"window": 32}  # the one default, the config's and the kernel's
+    assert local["options"] == {"window": 32, "sinks": 0}  # the one default, the config's and the kernel's
     parser = argparse.ArgumentParser()
     kernels.add_arguments(parser)
     ns = parser.parse_args(["--lengths", "64", "--mechanisms", "local,gqa", "--passes", "forward", "--device", "cpu",
                             "attention.local.window=128", "attention.gqa.kv_heads=2"])
     local, gqa = kernels.build_cases(ns)
-    assert local["options"] == {"window": 128} and gqa["kv_heads"] == 2
+    assert local["options"] == {"window": 128, "sinks": 0} and gqa["kv_heads"] == 2
