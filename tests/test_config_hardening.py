@@ -1,6 +1,6 @@
 """Issue 10's config cases (config.py is the lead's): each must be a one-line UserError naming the problem.
 
-Marked xfail (not strict) until config.py handles them; a case that already passes shows as XPASS.
+These are config.py's guarantees (issue 10): each failed before config_io.py refused it.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import pytest
 from transformer_comparison.config import load_config
 from transformer_comparison.errors import UserError
 
-LEAD = pytest.mark.xfail(reason="lead: config.py", strict=False)
+
 
 ALIAS_BOMB = textwrap.dedent("""\
     a: &a ["x", "x", "x", "x", "x", "x", "x", "x", "x"]
@@ -38,7 +38,6 @@ def refused(path, *args, **kwargs) -> str:
     return message
 
 
-@LEAD
 def test_a_yaml_alias_bomb_is_refused_in_well_under_a_second(tmp_path):
     path = tmp_path / "bomb.yaml"
     path.write_text(ALIAS_BOMB)
@@ -50,14 +49,12 @@ def test_a_yaml_alias_bomb_is_refused_in_well_under_a_second(tmp_path):
     assert elapsed < 10  # process start included; the refusal itself must be well under a second
 
 
-@LEAD
 def test_duplicate_keys_in_a_mapping_are_refused(tmp_path):
     path = tmp_path / "dup.yaml"
     path.write_text("training:\n  learning_rate: 0.001\n  learning_rate: 0.1\n")
     assert "learning_rate" in refused(path)
 
 
-@LEAD
 def test_a_flag_and_an_override_that_disagree_are_refused(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("{}\n")
@@ -65,7 +62,6 @@ def test_a_flag_and_an_override_that_disagree_are_refused(tmp_path):
     assert "attention.type" in message and "local" in message and "flash" in message
 
 
-@LEAD
 @pytest.mark.parametrize("seed", ["-1", str(2**64)])
 def test_a_negative_or_huge_seed_is_refused_naming_the_key(tmp_path, seed):
     path = tmp_path / "c.yaml"
