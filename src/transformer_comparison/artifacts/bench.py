@@ -64,3 +64,22 @@ class DecodeRow(_Row):
     vocab_size: int | None = None
     train_context_length: int | None = None
     options: str | None = None
+
+
+class TrainBenchRow(_Row):
+    """One run of `tcompare bench train`: the reference or a tcompare cell, one repeat."""
+
+    implementation: str
+    attention_type: str | None = None
+    position_embedding: str | None = None
+    repeat: int
+    median_step_ms: float | None = None
+    tokens_per_second: float | None = None
+    achieved_gflops: float | None = None
+    peak_gflops: float | None = None
+    fraction_of_peak: float | None = None
+    windows: int | None = None
+    steps: int | None = None
+    threads: int | None = None
+    final_train_loss: float | None = None
+    status: str

@@ -9,6 +9,7 @@ import importlib
 BENCHMARKS: dict[str, tuple[str, str]] = {
     "kernels": ("transformer_comparison.bench.kernels", "time and peak memory of each attention kernel against sequence length"),
     "decode": ("transformer_comparison.bench.decode", "time per generated token and cache size of each mechanism against context length"),
+    "train": ("transformer_comparison.bench.train", "the trainer's step time against nanoGPT's, alternating runs in one benchmark"),
 }
 
 

@@ -1,0 +1,65 @@
+"""`tcompare bench train`: the reference and the trainer alternate on one recipe; rows, ratios, errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.helpers import read_csv, tiny_config
+from transformer_comparison.bench import reference_gpt
+from transformer_comparison.bench.train import flops_per_token
+from transformer_comparison.cli import main
+from transformer_comparison.config import load_config
+
+
+@pytest.mark.slow
+def test_reference_and_cells_alternate_and_are_recorded(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tiny_config(tmp_path)
+    out = tmp_path / "bench"
+    rc = main(["bench", "train", "--config", str(config), "--steps", "8", "--repeats", "2", "--log_interval", "2",
+               "--warmup_windows", "1", "--threads", "1", "--cells", "dot_product:sinusoidal,local:rope",
+               "--out", str(out), "attention.local.window=4"])
+    assert rc == 0
+    columns, rows = read_csv(out / "train_bench.csv")
+    assert columns[:5] == ["implementation", "attention_type", "position_embedding", "repeat", "median_step_ms"]
+    assert [(r["implementation"], r["repeat"]) for r in rows] == [
+        (name, str(repeat)) for repeat in (0, 1)
+        for name in ("nanogpt_reference", "tcompare:dot_product+sinusoidal", "tcompare:local+rope")]
+    for row in rows:
+        assert row["status"] == "ok" and float(row["median_step_ms"]) > 0 and row["windows"] == "3"
+        assert 0 < float(row["fraction_of_peak"]) < 1.5 and float(row["peak_gflops"]) > 0
+    printed = capsys.readouterr().out
+    assert "ratio_to_reference" in printed and "tcompare:local+rope" in printed
+
+
+def test_the_reference_is_nanogpts_model() -> None:
+    model = reference_gpt.NanoGPT(vocab_size=11, context=8, d_model=16, heads=2, layers=2, bias=False)
+    assert model.lm_head.weight is model.wte.weight  # tied
+    idx = torch.randint(0, 11, (3, 8))
+    loss = model(idx, idx)
+    assert abs(loss.item() - torch.log(torch.tensor(11.0)).item()) < 0.5  # starts near uniform
+    # per block: c_attn 3d^2, c_proj d^2, MLP 8d^2, two LayerNorm weights
+    expected = 2 * (12 * 16 * 16 + 2 * 16) + 16 + 11 * 16 + 8 * 16
+    assert sum(p.numel() for p in model.parameters()) == expected
+
+
+def test_flops_per_token_uses_the_non_embedding_parameters(tmp_path: Path) -> None:
+    cfg = load_config(tiny_config(tmp_path))
+    d, layers, ctx = cfg.model.d_model, cfg.model.num_layers, cfg.model.context_length
+    assert flops_per_token(cfg, 40, reference=True) == 6 * (layers * (12 * d * d + 2 * d) + d) + 12 * layers * d * ctx
+    assert flops_per_token(cfg, 40, reference=False) > 0
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--cells", "dot_product"], "mechanism:encoding"),
+    (["--cells", "softmax:rope"], "mechanism:encoding"),
+    (["--steps", "4", "--log_interval", "2", "--warmup_windows", "2"], "more than --warmup_windows"),
+    (["--repeats", "0"], "--repeats must be >= 1"),
+])
+def test_bad_input_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], message: str) -> None:
+    out = tmp_path / "bench"
+    assert main(["bench", "train", "--config", str(tiny_config(tmp_path)), *args, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err and not out.exists()
