@@ -104,9 +104,22 @@ def d_model_figure(frame: pd.DataFrame) -> Any | None:
     return fig
 
 
+def human_bytes(value: float, _position: Any = None) -> str:
+    """2048 -> '2 KiB' (axis tick labels)."""
+    for unit, size in (("MiB", 2**20), ("KiB", 2**10)):
+        if value >= size:
+            return f"{value / size:g} {unit}"
+    return f"{value:g} B"
+
+
 def state_figure(frame: pd.DataFrame) -> Any | None:
-    return _lines_figure(frame.dropna(subset=["state_bytes"]), "state_bytes",
-                         "decoding state per layer (bytes, log scale)", log_x=True)
+    from matplotlib.ticker import FuncFormatter
+
+    fig = _lines_figure(frame.dropna(subset=["state_bytes"]), "state_bytes", "decoding state per layer (log scale)",
+                        log_x=True)
+    for ax in [] if fig is None else fig.axes:
+        ax.xaxis.set_major_formatter(FuncFormatter(human_bytes))
+    return fig
 
 
 def length_figure(summary: pd.DataFrame) -> Any | None:

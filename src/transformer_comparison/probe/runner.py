@@ -27,7 +27,7 @@ import torch
 
 import transformer_comparison.attention  # noqa: F401  (registers the mechanisms)
 from transformer_comparison.attention.registry import kernel_class, registered_names
-from transformer_comparison.config import Config
+from transformer_comparison.config import Config, validate_config
 from transformer_comparison.errors import UserError
 from transformer_comparison.position import position_names
 from transformer_comparison.probe import datasets, results
@@ -55,8 +55,11 @@ class RunSpec:
     learning_rate: float
     seed: int
     test_seq_lens: tuple[int, ...]  # the training length first
-    config: Config
+    config_data: dict | None  # the run's resolved config as a plain dict (None when refused): workers rebuild it
     settings: ProbeSettings
+    window: int | None  # the mechanism's window option, if it has one
+    num_layers: int
+    num_heads: int
     refused: str | None = None  # why the mechanism refuses the encoding
 
     @property
@@ -64,6 +67,13 @@ class RunSpec:
         """The run's identity, as ProbeRow.run_key."""
         return (self.attention_type, self.position_embedding, self.seq_len, self.num_kv_pairs, self.d_model,
                 float(f"{self.learning_rate:.12g}"), self.seed)
+
+    @property
+    def config(self) -> Config:
+        """The run's config (the dict validated again: pydantic's registry-derived classes do not pickle)."""
+        if self.config_data is None:
+            raise ValueError(f"{self.describe()} is refused: {self.refused}")
+        return validate_config(self.config_data)
 
     def describe(self) -> str:
         return (f"{self.attention_type}+{self.position_embedding} L={self.seq_len} D={self.num_kv_pairs} "
@@ -159,8 +169,7 @@ def make_row(spec: RunSpec, test_seq_len: int, *, status: str, accuracy: float |
              num_parameters: int | None = None, final_train_loss: float | None = None, vocab_size: int | None = None,
              note: str | None = None) -> ProbeRow:
     """One row of mqar.csv."""
-    settings, cfg = spec.settings, spec.config
-    window = window_of(cfg)
+    settings, window = spec.settings, spec.window
     generated = settings.data_dir is None
     return ProbeRow(
         attention_type=spec.attention_type, position_embedding=spec.position_embedding, seq_len=spec.seq_len,
@@ -169,7 +178,7 @@ def make_row(spec: RunSpec, test_seq_len: int, *, status: str, accuracy: float |
         wall_seconds=round(wall_seconds, 2), window=window,
         fraction_within_window=reach(window, test_seq_len, spec.num_kv_pairs, settings.alpha) if window and generated else None,
         vocab_size=vocab_size or settings.generated_vocab, alpha=settings.alpha if generated else None,
-        num_layers=cfg.model.num_layers, num_heads=cfg.model.num_heads, mlp=settings.mlp,
+        num_layers=spec.num_layers, num_heads=spec.num_heads, mlp=settings.mlp,
         num_parameters=num_parameters, final_train_loss=final_train_loss,
         data="generated" if generated else str(settings.data_dir), note=note,
     )
@@ -201,12 +210,14 @@ def plan(settings: ProbeSettings) -> list[RunSpec]:
         for d_model in sorted(set(settings.d_models)):
             for attention in mechanisms:
                 refusals = getattr(kernel_class(attention), "refused_positions", {}) or {}
+                window = window_of(base, attention)
                 for position in positions:
-                    cfg = run_config(base, attention, position, d_model, context)
+                    refused = refusals.get(position)
+                    cfg = None if refused else run_config(base, attention, position, d_model, context).model_dump(mode="python")
                     for lr in sorted(set(settings.learning_rates)):
                         for seed in seeds:
                             specs.append(RunSpec(attention, position, seq_len, pairs, d_model, lr, seed, lengths, cfg,
-                                                 settings, refusals.get(position)))
+                                                 settings, window, base.model.num_layers, base.model.num_heads, refused))
     return specs
 
 
@@ -249,7 +260,7 @@ def run_probe(settings: ProbeSettings, out_dir: Path, log=print) -> Path:
     done = results.finished_runs(table, {spec.key: set(spec.test_seq_lens) for spec in specs})
     pending = [spec for spec in specs if spec.key not in done]
     log(f"probe mqar: {len(specs)} runs, {len(specs) - len(pending)} already in {csv_path}, {len(pending)} to train")
-    jobs = min(default_jobs(settings, specs[0].config), max(1, len(pending)))
+    jobs = min(default_jobs(settings, base_config(settings)), max(1, len(pending)))
     failed = 0
     for finished, (spec, rows) in enumerate(_results(pending, jobs), start=1):
         table = results.merge_rows(table, rows)

@@ -44,10 +44,10 @@ class ProbeSettings:
 
     attention_types: tuple[str, ...] = ()
     position_embeddings: tuple[str, ...] = ("rope",)
-    seq_lens: tuple[int, ...] = (64, 128)
-    kv_pairs: tuple[int, ...] = (4, 8, 16)
+    seq_lens: tuple[int, ...] = (64,)
+    kv_pairs: tuple[int, ...] = (4, 16)
     d_models: tuple[int, ...] = (32, 64)
-    learning_rates: tuple[float, ...] = (1e-3, 3e-3)
+    learning_rates: tuple[float, ...] = (3e-3, 1e-2)
     seeds: int = 1
     test_seq_lens: tuple[int, ...] = ()
     vocab_size: int | None = None  # None: DEFAULT_VOCAB for generated data, max id + 1 with --data
@@ -56,7 +56,8 @@ class ProbeSettings:
     mlp: bool = False
     num_train: int = 8192
     num_test: int = 1024
-    budget: Budget = field(default_factory=Budget)
+    budget: Budget = field(default_factory=lambda: Budget(batch_size=64, max_steps=600, warmup_steps=50,
+                                                          eval_interval=50, eval_examples=256))
     jobs: int | None = None  # None: one per CPU core (one on CUDA)
     data_dir: Path | None = None  # read DIR/train.npz, DIR/test.npz instead of generating
     config_path: Path | None = None
@@ -81,9 +82,9 @@ class ProbeSettings:
 def quick_preset() -> dict[str, Any]:
     """`--preset quick`: a smoke run of every registered mechanism, about 2 minutes on 2 CPU cores."""
     return {
-        "seq_lens": (64,), "kv_pairs": (4,), "d_models": (32,), "learning_rates": (3e-3,),
-        "vocab_size": 128, "num_train": 4096, "num_test": 256,
-        "budget": Budget(batch_size=32, max_steps=300, warmup_steps=20, eval_interval=50, eval_examples=256),
+        "attention_types": (), "position_embeddings": ("rope",), "seq_lens": (64,), "kv_pairs": (4,), "d_models": (32,),
+        "learning_rates": (1e-2,), "seeds": 1, "test_seq_lens": (), "num_train": 4096, "num_test": 256,
+        "budget": Budget(batch_size=64, max_steps=300, warmup_steps=30, eval_interval=50, eval_examples=256),
     }
 
 
@@ -115,9 +116,10 @@ def run_config(base: Config, attention_type: str, position_embedding: str, d_mod
     ])
 
 
-def window_of(cfg: Config) -> int | None:
-    """The mechanism's `window` option (keys a query sees), if it has one."""
-    window = kernel_options_for(cfg).get("window")
+def window_of(base: Config, attention_type: str) -> int | None:
+    """The mechanism's `window` option (keys a query sees) in the config, if it has one."""
+    options = kernel_options_for(base.model_copy(update={"attention": base.attention.model_copy(update={"type": attention_type})}))
+    window = options.get("window")
     return int(window) if window is not None else None
 
 
