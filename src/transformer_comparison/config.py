@@ -62,8 +62,7 @@ def _registry_section(name: str, doc: str, names: tuple[str, ...], options: dict
 def _attention_section() -> type[_Section]:
     from transformer_comparison.attention.registry import options_model, registered_names
 
-    names = registered_names()
-    ordered = ("dot_product", *[n for n in names if n != "dot_product"]) if "dot_product" in names else names
+    ordered = registered_names()  # the first (by display_order) is the default
     return _registry_section(
         "AttentionConfig", "attention: the mechanism (`type`), kv heads, and each mechanism's options.",
         ordered, {n: options_model(n) for n in ordered if options_model(n).model_fields},
@@ -74,8 +73,7 @@ def _attention_section() -> type[_Section]:
 def _position_section() -> type[_Section]:
     from transformer_comparison.position.registry import options_model, registered_names
 
-    names = registered_names()
-    ordered = ("sinusoidal", *[n for n in names if n != "sinusoidal"]) if "sinusoidal" in names else names
+    ordered = registered_names()  # the first (by display_order) is the default
     with_options = {n: options_model(n) for n in ordered if options_model(n).model_fields}
     return _registry_section("PositionConfig", "position: the encoding (`type`) and each encoding's options.",
                              ordered, with_options, {})
@@ -84,13 +82,24 @@ def _position_section() -> type[_Section]:
 AttentionConfig = _attention_section()
 PositionConfig = _position_section()
 
-# Keys of the attention/position sections before options moved into one subsection per mechanism /
-# encoding: a flat key sets that option on every entry that has it (`attention.window=16` is
-# `attention.local.window=16`); renamed ones are listed here.
-LEGACY_RENAMES: dict[tuple[str, str], tuple[str, str]] = {
-    ("attention", "gqa_kv_heads"): ("gqa", "kv_heads"),
-    ("position", "rope_base"): ("rope", "base"),
-}
+def _legacy_renames() -> dict[tuple[str, str], tuple[str, str]]:
+    """Keys of the attention/position sections before options moved into one subsection per mechanism /
+    encoding, that name an option differently: each entry's class declares its own (`legacy_keys`).
+    Any other flat key sets that option on every entry that has it (`attention.window=16`)."""
+    from transformer_comparison.attention.registry import kernel_class
+    from transformer_comparison.attention.registry import registered_names as mechanisms
+    from transformer_comparison.position.registry import position_class
+    from transformer_comparison.position.registry import registered_names as encodings
+
+    renames = {}
+    for section, names, lookup in (("attention", mechanisms(), kernel_class), ("position", encodings(), position_class)):
+        for name in names:
+            for old, option in getattr(lookup(name), "legacy_keys", {}).items():
+                renames[(section, old)] = (name, option)
+    return renames
+
+
+LEGACY_RENAMES = _legacy_renames()
 REGISTRY_SECTIONS = {"attention": AttentionConfig, "position": PositionConfig}
 
 

@@ -24,10 +24,10 @@ import torch.nn as nn
 from torch import Tensor
 from torch.nn import functional as F
 
-from transformer_comparison.attention import build_attention
+from transformer_comparison.attention import build_attention, registered_names
 from transformer_comparison.attention.cache import DecodeCache
 from transformer_comparison.config import Config, kernel_options_for, kv_heads_for, position_options_for
-from transformer_comparison.position import build_position
+from transformer_comparison.position import build_position, position_names
 
 
 @dataclass
@@ -40,9 +40,9 @@ class GPTConfig:
     num_kv_heads: int | None = None  # None: as many kv heads as query heads
     dropout: float = 0.0
     bias: bool = False
-    attention_type: str = "dot_product"
+    attention_type: str = field(default_factory=lambda: registered_names()[0])
     attention_options: dict[str, Any] = field(default_factory=dict)
-    position_embedding: str = "sinusoidal"
+    position_embedding: str = field(default_factory=lambda: position_names()[0])
     position_options: dict[str, Any] = field(default_factory=dict)
     mlp_ratio: float = 4.0
 

@@ -51,7 +51,7 @@ def test_position_embedding_reaches_every_case(tmp_path: Path) -> None:
     _, rows = read_csv(out / "kernels.csv")
     assert [(r["mechanism"], r["status"], r["position_embedding"]) for r in rows] == [
         ("flash", "ok", "alibi"), ("local", "ok", "alibi"), ("torch_sdpa", "ok", "alibi")]
-    assert rows[1]["options"] == "window=16"
+    assert rows[1]["options"] == "window=16 sinks=0"
 
 
 @pytest.mark.slow

@@ -33,6 +33,8 @@ from transformer_comparison.attention.registry import register_attention
 class GroupedQueryAttention(DotProductAttention):
     """Dot-product attention over `kv_heads` key/value heads, fewer than the query heads."""
 
+    legacy_keys = {"gqa_kv_heads": "kv_heads"}  # attention.gqa_kv_heads in configs before per-mechanism sections
+
     display_order = 4  # where it is listed (tables, CLI help)
 
     def __init__(self, *, kv_heads: Annotated[int | None, Field(ge=1)] = None) -> None:

@@ -49,10 +49,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: heads; gqa follows attention.gqa.kv_heads)")
     parser.add_argument("--head_dim", type=int, default=64)
     parser.add_argument("--causal", action=argparse.BooleanOptionalAction, default=True, help="causal masking (default: on)")
-    parser.add_argument("--position_embedding", default="sinusoidal",
+    parser.add_argument("--position_embedding", default=None,
                         help="what each kernel receives, as the model gives it: nothing (sinusoidal, nope), rotated q "
                              "and k (rope) or a bias per head (alibi); torch_sdpa gets q and k rotated before it, or "
-                             "ALiBi as a dense n x n mask (default: %(default)s)")
+                             "ALiBi as a dense n x n mask (default: the config's position.type)")
     parser.add_argument("--dtype", default="float32", help=f"one of {', '.join(DTYPES)} (default: %(default)s)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto = cuda when available)")
     parser.add_argument("--threads", type=int, default=None,
@@ -106,7 +106,8 @@ def build_cases(args: argparse.Namespace) -> list[dict[str, Any]]:
     valid = [*registered_names(), REFERENCE]
     mechanisms = choose(args.mechanisms or valid, valid, "--mechanisms")
     passes = choose(args.passes, PASSES, "--passes")
-    choose([args.position_embedding], position_names(), "--position_embedding")
+    if args.position_embedding is not None:
+        choose([args.position_embedding], position_names(), "--position_embedding")
     choose([args.dtype], list(DTYPES), "--dtype")
     for name in ("batch", "heads", "head_dim", "threads", "kv_heads"):
         value = getattr(args, name)
@@ -117,6 +118,7 @@ def build_cases(args: argparse.Namespace) -> list[dict[str, Any]]:
     if args.timeout <= 0 or args.min_run_time <= 0:
         raise UserError("--timeout and --min_run_time must be > 0 seconds")
     cfg = load_config(args.config, args.overrides, position_embedding=args.position_embedding)
+    position = cfg.position.type
     memory_limit = parse_memory_limit(args.memory_limit)
     device = resolve_device(args.device)
     threads = args.threads or torch.get_num_threads()
@@ -124,13 +126,13 @@ def build_cases(args: argparse.Namespace) -> list[dict[str, Any]]:
     cases = []
     for mechanism in mechanisms:
         options, kv_heads = mechanism_setup(mechanism, cfg, args.heads, args.kv_heads)
-        refused = kernel_class(mechanism).refused_positions.get(args.position_embedding) if mechanism != REFERENCE else None
+        refused = kernel_class(mechanism).refused_positions.get(position) if mechanism != REFERENCE else None
         for pass_name in passes:
             for n in args.lengths:
                 cases.append({
                     "mechanism": mechanism, "seq_len": n, "pass": pass_name, "batch": args.batch, "heads": args.heads,
                     "kv_heads": kv_heads, "head_dim": args.head_dim, "causal": args.causal, "dtype": args.dtype,
-                    "position_embedding": args.position_embedding, "position_options": position_options_for(cfg),
+                    "position_embedding": position, "position_options": position_options_for(cfg),
                     "device": device, "threads": threads, "min_run_time": args.min_run_time,
                     "memory_limit": memory_limit, "options": options, "refused": refused,
                 })

@@ -138,6 +138,7 @@ class RoPE(PositionEncoding):
     display_order = 1  # where it is listed (tables, CLI help)
 
     needs_even_head_dim = True
+    legacy_keys = {"rope_base": "base"}  # position.rope_base in configs before per-encoding sections
 
     def __init__(
         self, *, base: Annotated[float, Field(gt=0)] = 10000.0,
