@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from tests.attention.checks import kernel_extras
 from tests.helpers import tiny_config
 from transformer_comparison.attention import ATTENTION_TYPES, build_attention
 from transformer_comparison.cli import main
@@ -23,8 +24,10 @@ def test_kernel_on_cuda_matches_cpu(name):
     q, k, v = (torch.randn(2, 4, 50, 16, generator=g) for _ in range(3))
     k, v = k[:, :2].contiguous(), v[:, :2].contiguous()
     slopes = alibi_slopes(4)
-    cpu = attn(q, k, v, causal=True, alibi_slopes=slopes, rope=Rotary())
-    gpu = attn(q.cuda(), k.cuda(), v.cuda(), causal=True, alibi_slopes=slopes.cuda(), rope=Rotary())
+    extra = kernel_extras(attn, 2, 4, 16, 50, torch.float32)
+    cpu = attn(q, k, v, causal=True, alibi_slopes=slopes, rope=Rotary(), **extra)
+    gpu = attn(q.cuda(), k.cuda(), v.cuda(), causal=True, alibi_slopes=slopes.cuda(), rope=Rotary(),
+               **{key: t.cuda() for key, t in extra.items()})
     torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-4, atol=1e-4)
 
 
@@ -32,7 +35,8 @@ def test_kernel_on_cuda_matches_cpu(name):
 def test_bf16_on_cuda_is_finite(name):
     attn = build_attention(name)
     q, k, v = (torch.randn(1, 4, 300, 32, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
-    out = attn(q, k, v, causal=True, alibi_slopes=alibi_slopes(4).cuda())
+    extra = {key: t.cuda().bfloat16() for key, t in kernel_extras(attn, 1, 4, 32, 300, torch.float32).items()}
+    out = attn(q, k, v, causal=True, alibi_slopes=alibi_slopes(4).cuda(), **extra)
     out.float().square().sum().backward()
     assert torch.isfinite(out.float()).all() and all(torch.isfinite(t.grad.float()).all() for t in (q, k, v))
 

@@ -123,3 +123,13 @@ def assert_no_queries_give_empty_results(attn: AttentionKernel, nk: int) -> None
     out, entropy = attn(q, k, v, return_entropy=True)
     assert out.shape == (1, 4, 0, 8) and entropy.shape == (1, 4, 0)
     out.sum().backward()
+
+
+def kernel_extras(attn: AttentionKernel, batch: int, heads: int, head_dim: int, n: int, dtype: torch.dtype, seed: int = 3) -> dict:
+    """The mechanism's extra inputs for n tokens, from its own `layer_inputs` module on random x."""
+    torch.manual_seed(seed)
+    module = attn.layer_inputs(heads * head_dim, heads, head_dim)
+    if module is None:
+        return {}
+    x = torch.randn(batch, n, heads * head_dim, dtype=torch.float64).to(dtype)
+    return dict(module.to(dtype)(x))

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from tests.attention.checks import TIGHT
+from tests.attention.checks import kernel_extras as extras
 from transformer_comparison.attention import AttentionKernel, build_attention, kernel_class, kernel_options
 from transformer_comparison.attention.registry import options_model, registered_names
 from transformer_comparison.position import Rotary, alibi_slopes
@@ -37,16 +38,6 @@ def position_args(position: str, heads: int, dtype: torch.dtype = torch.float32)
 
 def causal_modes(name: str) -> list[bool]:
     return [True, False] if kernel_class(name).supports_non_causal else [True]
-
-
-def extras(attn: AttentionKernel, batch: int, heads: int, head_dim: int, n: int, dtype: torch.dtype, seed: int = 3) -> dict:
-    """The mechanism's extra inputs for n tokens, from its own `layer_inputs` module on random x."""
-    torch.manual_seed(seed)
-    module = attn.layer_inputs(heads * head_dim, heads, head_dim)
-    if module is None:
-        return {}
-    x = torch.randn(batch, n, heads * head_dim, dtype=torch.float64).to(dtype)
-    return dict(module.to(dtype)(x))
 
 
 def qkv(heads: int = 4, kv_heads: int = 2, nq: int = 6, nk: int = 6, dtype: torch.dtype = torch.float32, d: int = 8):
