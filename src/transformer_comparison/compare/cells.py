@@ -33,6 +33,7 @@ from transformer_comparison.run_lock import die_with_parent
 
 Action = Literal["skip", "resume", "fresh"]
 INTERRUPTED_CODES = (130, 143, -signal.SIGINT, -signal.SIGTERM)
+WAIT_SLICE_SECONDS = 0.5
 
 
 @dataclass
@@ -99,6 +100,24 @@ def last_line(path: Path, offset: int) -> str:
     return lines[-1] if lines else ""
 
 
+def prepare_child(death_signal: int) -> None:
+    """In the trainer before exec: SIGINT and SIGTERM unblocked (a Ray worker runs its tasks with
+    SIGINT blocked, and a child inherits the mask: the trainer could not be stopped), and
+    `death_signal` when the parent dies."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+    die_with_parent(death_signal)
+
+
+def wait_interruptibly(process: subprocess.Popen) -> int:
+    """The child's exit code, waiting in short slices: Ray cancels a task by raising KeyboardInterrupt
+    in its thread, which only happens between Python bytecodes, never inside one long wait()."""
+    while True:
+        try:
+            return process.wait(timeout=WAIT_SLICE_SECONDS)
+        except subprocess.TimeoutExpired:
+            continue
+
+
 def check_shared_directory(job: CellJob) -> None:
     """Runs are written straight into the comparison directory: on a cluster it must be on a
     filesystem every node mounts at the same path."""
@@ -144,11 +163,11 @@ def execute(job: CellJob, env: dict[str, str], on_start: Callable[[subprocess.Po
         log.flush()
         offset = log.tell()
         process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                   preexec_fn=functools.partial(die_with_parent, job.death_signal))
+                                   preexec_fn=functools.partial(prepare_child, job.death_signal))
         if on_start is not None:
             on_start(process)
         try:
-            returncode = process.wait()
+            returncode = wait_interruptibly(process)
         except KeyboardInterrupt:  # Ray's cancel (or Ctrl-C in this process): the trainer checkpoints and stops
             process.send_signal(signal.SIGINT)
             returncode = process.wait()

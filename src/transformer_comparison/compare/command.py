@@ -238,7 +238,7 @@ def run_cells(plan: Plan, comparison: Comparison, executor: LocalExecutor | RayE
             todo.append(cell_job(plan, cell, comparison.name, executor.name))
     total = len(plan.cells)
     print(f"comparison {comparison.name}: {total} runs, {counts['skipped']} completed earlier, {counts['resume']} to resume, "
-          f"{counts['fresh']} to train; {executor.name} executor, {jobs} at a time -> {plan.out}", flush=True)
+          f"{counts['fresh']} to train; {executor.describe()} -> {plan.out}", flush=True)
     started, walls, done = time.perf_counter(), [], counts["skipped"]
 
     def finished(job: CellJob, record: CellRecord) -> None:

@@ -89,6 +89,9 @@ class LocalExecutor:
 
     name = "local"
 
+    def describe(self) -> str:
+        return f"local executor, {self.jobs} at a time"
+
     def run(self, jobs: list[CellJob], done: Done, stop: StopFlag) -> None:
         free: queue.Queue[str | None] = queue.Queue()
         for device in (self.devices * self.jobs)[: self.jobs]:
@@ -166,6 +169,10 @@ class RayExecutor:
 
     name = "ray"
 
+    def describe(self) -> str:
+        limit = f", at most {self.max_in_flight} at a time" if self.max_in_flight else ""
+        return f"ray executor ({self.address or 'local instance'}), {self.cpus_per_cell} CPU(s) and {self.gpus_per_cell:g} GPU(s) per run{limit}"
+
     def connect(self) -> bool:
         """Start or join Ray; True when this call started it (and must shut it down)."""
         ray = import_ray()
@@ -180,15 +187,16 @@ class RayExecutor:
     def run(self, jobs: list[CellJob], done: Done, stop: StopFlag) -> None:
         ray = import_ray()
         started_here = self.connect()
-        task = ray.remote(_ray_cell).options(num_cpus=self.cpus_per_cell, num_gpus=self.gpus_per_cell,
-                                             max_retries=self.max_retries, retry_exceptions=False)
+        task = ray.remote(_ray_cell)
+        resources = {"num_cpus": self.cpus_per_cell, "num_gpus": self.gpus_per_cell, "max_retries": self.max_retries,
+                     "retry_exceptions": False}
         waiting, refs, cancelled = list(jobs), {}, False
         try:
             while waiting or refs:
                 limit = self.max_in_flight or len(jobs)
                 while waiting and len(refs) < limit and stop.signum is None:
                     job = waiting.pop(0)
-                    refs[task.options(name=job.name).remote(job, self.cpus_per_cell)] = job
+                    refs[task.options(name=job.name, **resources).remote(job, self.cpus_per_cell)] = job
                 if stop.signum is not None and not cancelled:
                     waiting.clear()
                     for ref in refs:
