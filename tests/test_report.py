@@ -206,3 +206,47 @@ def test_report_of_a_directory_without_comparison(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "comparison.json" in err[0]
+
+
+def test_probe_step_and_recall_section(tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    import yaml
+
+    from transformer_comparison.cli import build_parser
+    from transformer_comparison.compare.extras import probe_step
+    from transformer_comparison.compare.plan import make_plan
+    from transformer_comparison.probe import settings as probe_settings
+
+    out = tmp_path / "cmp"
+    make_comparison(out, ["dot_product", "local"], ["rope"])
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump({"model": {"d_model": 16, "num_heads": 2}, "logging": {"wandb": "disabled"}}))
+    plan = make_plan(build_parser().parse_args(["compare", "--config", str(config), "--attention_types", "dot_product,local",
+                                                "--position_embeddings", "rope", "--out", str(out), "attention.window=4",
+                                                "training.learning_rate=3e-3"]))
+    tiny = {"seq_lens": (16,), "kv_pairs": (2,), "d_models": (16,), "learning_rates": (1e-2,), "vocab_size": 32,
+            "num_train": 128, "num_test": 32, "jobs": 1,
+            "budget": probe_settings.Budget(batch_size=16, max_steps=8, warmup_steps=1, eval_interval=4, eval_examples=32)}
+    import transformer_comparison.probe as probe
+    import transformer_comparison.probe.results as probe_results
+
+    seen, real_run = {}, probe.run_probe
+
+    def recorded_run(settings, out_dir):
+        seen["settings"] = settings
+        return real_run(settings, out_dir)
+
+    monkeypatch.setattr(probe_settings, "with_preset", lambda settings, name: replace(settings, **tiny))
+    monkeypatch.setattr(probe, "run_probe", recorded_run)
+    record = probe_step(plan, "mqar")
+    assert record["status"] == "completed", record
+    # the probe got the grid and the mechanism options, not the comparison's training keys
+    assert seen["settings"].overrides == ("attention.window=4",)
+
+    rows = probe_results.read_rows(out / "probe" / "mqar" / "mqar.csv")
+    assert sorted({r.attention_type for r in rows}) == ["dot_product", "local"] and {r.position_embedding for r in rows} == {"rope"}
+    md = report.build_report(out)[0].read_text()
+    assert "## Recall: multi-query associative recall (MQAR)" in md
+    linked = re.findall(r"\(plots/(probe_[^)]+)\)", md)
+    assert linked and all((out / "plots" / name).is_file() for name in linked)

@@ -21,7 +21,7 @@ from transformer_comparison.artifacts.comparison import (COMPARISON_FILE, CellRe
 from transformer_comparison.artifacts.io import write_text_atomic
 from transformer_comparison.compare.cells import CellJob, cell_action, read_summary_or_none
 from transformer_comparison.compare.executors import LocalExecutor, RayExecutor, StopFlag, cuda_devices, default_threads
-from transformer_comparison.compare.extras import run_extras
+from transformer_comparison.compare.extras import PROBES, run_extras
 from transformer_comparison.compare.plan import Cell, Plan, comma_list, count, make_plan
 from transformer_comparison.compare.sweeps import split_sweep
 from transformer_comparison.config import config_to_yaml
@@ -54,6 +54,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", metavar="NAME", help=f"overrides (and sweeps) applied on top of --config: {', '.join(PRESETS)}")
     parser.add_argument("--bench", action="store_true", help="after training, run `tcompare bench kernels` and `bench decode` into DIR/bench")
     parser.add_argument("--extrapolate", action="store_true", help="after training, run `tcompare eval` at longer lengths for every completed run")
+    parser.add_argument("--probe", metavar="mqar", help="after training, run the recall probe (`tcompare probe mqar`) for the "
+                        "grid's mechanisms and encodings into DIR/probe/mqar; the report gets a recall section")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides for every cell (applied last)")
 
 
@@ -149,7 +151,8 @@ def check_output_dir(plan: Plan) -> Comparison | None:
 
 def command_line(args: argparse.Namespace) -> str:
     parts = ["tcompare", "compare"]
-    for flag in ("config", "attention_types", "position_embeddings", "seeds", "jobs", "out", "preset", "match", "executor", "ray_address"):
+    for flag in ("config", "attention_types", "position_embeddings", "seeds", "jobs", "out", "preset", "match", "executor",
+                 "ray_address", "probe"):
         value = getattr(args, flag)
         if value is not None and not (flag == "executor" and value == "local"):
             parts += [f"--{flag}", ",".join(value) if isinstance(value, list) else str(value)]
@@ -259,6 +262,7 @@ def run_cells(plan: Plan, comparison: Comparison, executor: LocalExecutor | RayE
 def run(args: argparse.Namespace) -> int:
     check_choice(args.executor, EXECUTORS, "--executor")
     check_choice(args.match, MATCHES, "--match")
+    check_choice(args.probe, PROBES, "--probe")
     plan = make_plan(args)
     jobs = jobs_for(args, plan.preset)
     executor = make_executor(args, jobs)
@@ -272,8 +276,8 @@ def run(args: argparse.Namespace) -> int:
         comparison = prepare_output_dir(plan, existing, command_line(args), jobs, executor)
         report.write_results(plan.out)
         counts = run_cells(plan, comparison, executor, jobs, stop)
-        if stop.signum is None and (args.bench or args.extrapolate):
-            extras = run_extras(plan, args.bench, args.extrapolate)
+        if stop.signum is None and (args.bench or args.extrapolate or args.probe):
+            extras = run_extras(plan, args.bench, args.extrapolate, args.probe)
             write_text_atomic(plan.out / "extras.json", json.dumps(extras, indent=2) + "\n")
         report.write_results(plan.out)
         md_path, html_path = report.build_report(plan.out)

@@ -2,7 +2,10 @@
 
 --bench runs `tcompare bench kernels` at the trained models' head count and head size, for lengths
 of 1 to 16 context lengths, and `bench decode` on the first completed run, into DIR/bench/;
---extrapolate runs `tcompare eval` at 1, 2, 4 and 8 context lengths for every completed run. A step
+--extrapolate runs `tcompare eval` at 1, 2, 4 and 8 context lengths for every completed run;
+--probe mqar runs the recall probe (`tcompare probe mqar`, docs/probe.md) for the grid's mechanisms
+and encodings into DIR/probe/mqar/, with the comparison's mechanism options (its attention.* and
+position.* overrides) and the probe's own budget (its quick preset under --preset quick). A step
 that is not installed, or fails, is listed in the report; the comparison goes on.
 """
 
@@ -14,12 +17,14 @@ import shlex
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from transformer_comparison.compare.cells import cell_action, last_line
 from transformer_comparison.compare.plan import Plan
 from transformer_comparison.config import Config, kernel_options_for, with_overrides
+from transformer_comparison.errors import UserError
 
 EXTRAPOLATION_FACTORS = (1, 2, 4, 8)  # eval lengths, in multiples of the context length
 EVAL_TOKENS = 262_144  # windows per length so that the longest scores about this many tokens
@@ -139,6 +144,36 @@ def eval_steps(plan: Plan, completed: list[Path]) -> list[dict[str, Any]]:
     return records
 
 
-def run_extras(plan: Plan, bench: bool, extrapolate: bool) -> list[dict[str, Any]]:
+PROBES = ("mqar",)
+PROBE_SECTIONS = ("attention.", "position.")  # the overrides the probe takes from the comparison
+
+
+def probe_step(plan: Plan, name: str) -> dict[str, Any]:
+    """The recall probe for the grid's mechanisms and encodings, into DIR/probe/<name>/."""
+    label = f"probe {name}"
+    try:
+        from transformer_comparison.probe import ProbeSettings, run_probe
+        from transformer_comparison.probe.settings import with_preset
+    except ImportError:
+        return _unavailable(label, "`tcompare probe` is not available in this installation")
+    quick = plan.preset is not None and plan.preset.scale == "smoke"
+    options = tuple(o for o in (*(plan.preset.overrides if plan.preset else ()), *plan.overrides) if o.startswith(PROBE_SECTIONS))
+    settings = with_preset(ProbeSettings(), "quick" if quick else None)
+    settings = replace(settings, attention_types=tuple(plan.attention_types), position_embeddings=tuple(plan.position_embeddings),
+                       config_path=plan.config_file, overrides=options)
+    out_dir = plan.out / "probe" / name
+    print(f"{label}: running into {out_dir}", flush=True)
+    started = time.perf_counter()
+    try:
+        run_probe(settings, out_dir)
+    except UserError as error:
+        print(f"{label}: failed ({error})", flush=True)
+        return {"name": label, "status": "failed", "error": str(error), "command": None, "log": None}
+    return {"name": label, "status": "completed", "error": None, "command": None, "log": f"probe/{name}/mqar.csv",
+            "wall_seconds": round(time.perf_counter() - started, 3)}
+
+
+def run_extras(plan: Plan, bench: bool, extrapolate: bool, probe: str | None = None) -> list[dict[str, Any]]:
     completed = [plan.run_dir(cell) for cell in plan.cells if cell_action(plan.run_dir(cell)) == "skip"]
-    return (bench_steps(plan, completed) if bench else []) + (eval_steps(plan, completed) if extrapolate else [])
+    records = (bench_steps(plan, completed) if bench else []) + (eval_steps(plan, completed) if extrapolate else [])
+    return records + ([probe_step(plan, probe)] if probe else [])

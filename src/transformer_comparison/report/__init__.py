@@ -91,7 +91,7 @@ def report_blocks(out: Path) -> tuple[str, list[Block]]:
         if image is not None:
             blocks += [Heading(title), image]
     blocks += appendix.kernels_section(out) + appendix.decode_section(out) + appendix.extrapolation_section(out, rows, styles)
-    blocks += appendix.extras_section(out) + appendix.environment_section(out, comparison, runs)
+    blocks += appendix.probe_section(out) + appendix.extras_section(out) + appendix.environment_section(out, comparison, runs)
     title = f"Attention x position comparison: {comparison.name}" + (" (smoke scale)" if comparison.scale == "smoke" else "")
     return title, blocks
 

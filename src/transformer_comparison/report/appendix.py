@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from transformer_comparison.artifacts.comparison import Comparison, ResultRow
+from transformer_comparison.artifacts.io import write_bytes_atomic
 from transformer_comparison.plots import Panel, number
 from transformer_comparison.report.figures import MIB, Run, Styles, bench_plot, extrapolation_plot
 from transformer_comparison.report.render import Block, Code, Heading, Image, Para, Table
@@ -91,6 +92,22 @@ def extrapolation_section(out: Path, rows: list[ResultRow], styles: Styles) -> l
     lengths = sorted({n for by_length in data.values() for n in by_length})
     table = [[a, p, *[fmt(sum(d[n]) / len(d[n]), ".2f") if n in d else "—" for n in lengths]] for (a, p), d in data.items()]
     return [Heading("Length extrapolation"), *([image] if image else []), Table(["attention", "position", *[f"ppl @ {n}" for n in lengths]], table)]
+
+
+def probe_section(out: Path) -> list[Block]:
+    """The recall probe's section (DIR/probe/mqar/mqar.csv, from `tcompare compare --probe mqar`)."""
+    csv_path = out / "probe" / "mqar" / "mqar.csv"
+    if not csv_path.is_file():
+        return []
+    try:
+        from transformer_comparison.probe import report_section
+    except ImportError:
+        return []
+    blocks = report_section(csv_path).blocks()
+    for block in blocks:
+        if isinstance(block, Image):  # beside report.md, as the other plots
+            write_bytes_atomic(out / "plots" / block.filename, lambda stream, png=block.png: stream.write(png))
+    return blocks
 
 
 def extras_section(out: Path) -> list[Block]:
