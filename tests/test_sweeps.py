@@ -154,3 +154,10 @@ def test_counting_a_large_model_allocates_nothing(config):
     count = accounting.parameter_count(big)
     assert count.non_embedding > 2e9  # 8 GB of float32 weights, had they been allocated
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 2**20
+
+
+def test_a_swept_option_another_mechanism_lacks_trains_it_once(config):
+    plan = plan_for(config, "--attention_types", "local,linear", "--position_embeddings", "rope", "--sweep", "attention.local.window=4,8")
+    assert [(c.attention_type, c.sweep["attention.local.window"]) for c in plan.cells] == [("linear", 4), ("local", 4), ("local", 8)]
+    (skipped,) = plan.skipped
+    assert (skipped.attention_type, skipped.sweep) == ("linear", {"attention.local.window": 8}) and "window=4" in skipped.reason

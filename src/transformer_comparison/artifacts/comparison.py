@@ -59,11 +59,13 @@ class CellEntry(_Artifact):
 
 
 class SkippedCell(_Artifact):
-    """A mechanism x encoding the mechanism refuses (`refused_positions`), with its reason."""
+    """A mechanism x encoding the mechanism refuses (`refused_positions`), or a sweep point that
+    would train the same run as another (a swept key the mechanism does not have), with the reason."""
 
     attention_type: str
     position_embedding: str
     reason: str
+    sweep: dict[str, Scalar] = Field(default_factory=dict)
 
 
 class Environment(_Artifact):

@@ -201,10 +201,16 @@ def plan_cells(plan: Plan) -> None:
             if p in refused:
                 plan.skipped.append(SkippedCell(attention_type=a, position_embedding=p, reason=refused[p]))
                 continue
+            trained: dict[str, str] = {}  # the effective config of each point already planned -> its label
             for point in sweep_points(plan.axes):
                 texts = point_overrides(point, plan.axes)
                 try:
                     cfg = with_overrides(plan.config, [f"attention.type={a}", f"position.type={p}", *texts])
+                    same = trained.setdefault(effective_config(cfg), sweep_label(point))
+                    if same != sweep_label(point):  # a swept key this mechanism / encoding does not have
+                        plan.skipped.append(SkippedCell(attention_type=a, position_embedding=p, sweep=point,
+                                                        reason=f"the same run as {same}: {a} x {p} does not use the swept value"))
+                        continue
                     reference = non_embedding(accounting.reference_config(cfg))
                     adjustments = matched_width(cfg, reference) if plan.match == "params" else {}
                     cfg = with_overrides(cfg, [override_text(k, v) for k, v in adjustments.items()])
@@ -217,6 +223,17 @@ def plan_cells(plan: Plan) -> None:
                     raise UserError(f"cell {' x '.join([a, p, *texts])}: {error}") from None
                 for i in range(plan.seeds):
                     plan.cells.append(Cell(a, p, plan.base_seed + i, dict(point), texts, dict(adjustments), own, reference, flops))
+
+
+def effective_config(cfg: Config) -> str:
+    """The config as the run sees it: without the option subsections of the other mechanisms and
+    encodings (so sweeping attention.local.window does not train the same retention run twice)."""
+    data = cfg.model_dump(mode="json")
+    for section, names, chosen in (("attention", registered_names(), cfg.attention.type), ("position", position_names(), cfg.position.type)):
+        for name in names:
+            if name != chosen:
+                data[section].pop(name, None)
+    return json.dumps(data, sort_keys=True)
 
 
 def matched_width(cfg: Config, reference: int) -> dict[str, Scalar]:

@@ -98,7 +98,7 @@ def overview(comparison: Comparison, rows: list[ResultRow], headline: list[dict[
         if counts.get(status):
             text += f", {counts[status]} {status}"
     if comparison.skipped:
-        text += f"; {len(comparison.skipped)} mechanism x encoding pair(s) skipped (refused by the mechanism, listed below)"
+        text += f"; {len(comparison.skipped)} cell(s) not trained (listed below with the reason)"
     blocks.append(Para(text + "."))
     blocks.append(Para("**Budget.** " + budget_text(comparison) + "."))
     if comparison.jobs > 1 or comparison.executor != "local":
@@ -283,5 +283,6 @@ def problem_table(rows: list[ResultRow]) -> Table | None:
 def skipped_table(comparison: Comparison) -> Table | None:
     if not comparison.skipped:
         return None
-    return Table(["attention", "position", "why it is not trained"],
-                 [[s.attention_type, s.position_embedding, s.reason] for s in comparison.skipped])
+    return Table(["attention", "position", "swept values", "why it is not trained"],
+                 [[s.attention_type, s.position_embedding, ", ".join(f"{k}={fmt_value(v)}" for k, v in s.sweep.items()) or "all",
+                   s.reason] for s in comparison.skipped])
