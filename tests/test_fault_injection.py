@@ -18,7 +18,7 @@ from tests.helpers import run_cli, tiny_config
 from transformer_comparison.checkpoint import load_checkpoint
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-MAX_STEPS = 30
+MAX_STEPS = 48
 
 
 def faulted(fault: str, *args: str) -> subprocess.CompletedProcess:
@@ -26,11 +26,24 @@ def faulted(fault: str, *args: str) -> subprocess.CompletedProcess:
                           timeout=300, env=ENV, cwd=Path(__file__).resolve().parents[1])
 
 
-def killed_at_random(rng: random.Random, *args: str) -> int:
-    """Start `tcompare ARGS` and SIGKILL it after a random delay (start-up, a step, an evaluation or a write)."""
+def checkpoint_step(path: Path) -> int:
+    try:
+        return load_checkpoint(path)["step"]
+    except Exception:  # noqa: BLE001  (none yet)
+        return -1
+
+
+def killed_at_random(rng: random.Random, run_dir: Path, *args: str) -> int:
+    """Start `tcompare ARGS`, wait until it has written a checkpoint of its own, then SIGKILL it a
+    random moment later (in a step, an evaluation, a metrics line or the next checkpoint write)."""
+    checkpoint = run_dir / "checkpoints" / "latest.pt"
+    start = checkpoint_step(checkpoint)
     process = subprocess.Popen([sys.executable, "-m", "transformer_comparison", *args], stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL, env=ENV)
-    time.sleep(rng.uniform(1.0, 4.0))
+    deadline = time.time() + 120
+    while time.time() < deadline and process.poll() is None and checkpoint_step(checkpoint) <= start:
+        time.sleep(0.01)
+    time.sleep(rng.uniform(0.0, 0.05))
     process.send_signal(signal.SIGKILL)
     return process.wait()
 
@@ -62,11 +75,11 @@ def test_repeated_kills_end_in_the_uninterrupted_result(tmp_path):
     assert faulted("checkpoint:2", "train", "--config", str(config), "--out", str(run_dir)).returncode == -signal.SIGKILL
     assert load_checkpoint(run_dir / "checkpoints" / "latest.pt")["step"] == 3  # the first one is intact
     killed = [faulted("metrics:7", *resume).returncode,  # a torn last line in metrics.jsonl
-              killed_at_random(rng, *resume),
+              killed_at_random(rng, run_dir, *resume),
               faulted("checkpoint:1", *resume).returncode,  # torn again, on a resumed run's first checkpoint
-              killed_at_random(rng, *resume),
+              killed_at_random(rng, run_dir, *resume),
               faulted("metrics:3", *resume).returncode]
-    assert killed.count(-signal.SIGKILL) >= 4, killed  # a random kill may come after the run ended
+    assert killed == [-signal.SIGKILL] * 5, killed
     final = run_cli(*resume)
     assert final.returncode == 0, final.stderr
 
