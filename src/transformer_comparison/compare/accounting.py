@@ -39,14 +39,11 @@ class ParameterCount:
 
 def parameter_count(cfg: Config, vocab_size: int = 1) -> ParameterCount:
     """The model's parameters, split into the (tied) token embedding and the rest."""
-    import torch
+    from transformer_comparison.resources import meta_model
 
-    from transformer_comparison.model import build_model
-
-    with torch.device("meta"):
-        model = build_model(cfg, vocab_size)
-    total = sum(p.numel() for p in model.parameters())
-    embedding = model.token_embedding.weight.numel()
+    with meta_model(cfg, vocab_size) as model:
+        total = sum(p.numel() for p in model.parameters())
+        embedding = model.token_embedding.weight.numel()
     return ParameterCount(embedding, total - embedding)
 
 
