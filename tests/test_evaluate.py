@@ -203,3 +203,33 @@ def test_plot_extrapolation_draws_several_runs(tmp_path):
     path = plot_extrapolation({"sinusoidal": rows_a, "alibi": rows_b, "empty": []}, tmp_path / "sub" / "x.png")
     assert path == tmp_path / "sub" / "x.png" and path.read_bytes()[:4] == b"\x89PNG"
     assert plot_extrapolation({}, tmp_path / "none.png").is_file()
+
+
+def test_rope_scaling_at_evaluation(tmp_path, capsys):
+    """--rope_scaling rebuilds the run's model with a scaled RoPE: the same weights, the same loss at
+    the training context for factor 1, other losses beyond it; a run without RoPE is refused."""
+    config = tiny_config(tmp_path, model={"context_length": CONTEXT}, position={"type": "rope"},
+                         training={"max_steps": 12, "eval_interval": 12, "eval_batches": None})
+    run_dir = tmp_path / "run"
+    assert main(["train", "--config", str(config), "--out", str(run_dir)]) == 0
+    assert main(["eval", "--run", str(run_dir), "--lengths", "16,64", "--out", str(tmp_path / "plain.csv")]) == 0
+    assert main(["eval", "--run", str(run_dir), "--lengths", "16,64", "--rope_scaling", "yarn",
+                 "--out", str(tmp_path / "yarn.csv")]) == 0
+    assert main(["eval", "--run", str(run_dir), "--lengths", "16", "--rope_scaling", "linear",
+                 "--rope_scaling_factor", "1", "--out", str(tmp_path / "one.csv")]) == 0
+    _, plain = read_csv(tmp_path / "plain.csv")
+    _, yarn = read_csv(tmp_path / "yarn.csv")
+    _, one = read_csv(tmp_path / "one.csv")
+    assert [r["position_scaling"] for r in plain] == ["none", "none"]
+    assert [r["position_scaling"] for r in yarn] == ["yarn:4", "yarn:4"]  # default factor: 64 / 16
+    assert one[0]["val_loss"] == plain[0]["val_loss"]  # factor 1 is plain RoPE
+    assert yarn[1]["val_loss"] != plain[1]["val_loss"] and math.isfinite(float(yarn[1]["val_loss"]))
+    capsys.readouterr()
+    assert main(["eval", "--run", str(run_dir.parent / "run"), "--lengths", "16", "--rope_scaling", "cubic"]) == 2
+    assert "position.rope.scaling" in capsys.readouterr().err
+
+
+def test_rope_scaling_needs_a_scalable_encoding(trained_run, capsys):
+    assert main(["eval", "--run", str(trained_run), "--lengths", "16", "--rope_scaling", "ntk"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--rope_scaling needs a run whose encoding can be scaled" in err and "sinusoidal" in err

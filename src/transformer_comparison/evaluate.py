@@ -63,6 +63,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto (cuda when available, else cpu), cpu, cuda, cuda:N, mps")
     parser.add_argument("--out", type=Path, metavar="FILE",
                         help="the CSV to write (default DIR/extrapolation.csv); the plot goes next to it as FILE with .png")
+    parser.add_argument("--rope_scaling", default=None, metavar="KIND",
+                        help="evaluate with a RoPE scaling the model was not trained with: linear (position "
+                             "interpolation), ntk or yarn (position.rope.scaling; needs a run whose encoding has it)")
+    parser.add_argument("--rope_scaling_factor", type=float, default=None, metavar="F",
+                        help="the factor s (>= 1) of --rope_scaling (default: the longest length / the training context)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -206,6 +211,23 @@ def evaluate_lengths(
 # a run
 
 
+def with_position_scaling(model: torch.nn.Module, cfg: Any, scaling: str, factor: float) -> tuple[torch.nn.Module, Any]:
+    """The same trained weights in a model whose encoding uses `scaling` with `factor` (an evaluation-time
+    option of the encoding: `position.<type>.scaling`, `.scaling_factor`); refused if it has none."""
+    from transformer_comparison.config import with_overrides
+    from transformer_comparison.model import build_model
+    from transformer_comparison.position import options_model
+
+    encoding = cfg.position.type
+    fields = options_model(encoding).model_fields
+    if "scaling" not in fields or "scaling_factor" not in fields:
+        raise UserError(f"--rope_scaling needs a run whose encoding can be scaled (rope); this run uses {encoding}")
+    scaled = with_overrides(cfg, [f"position.{encoding}.scaling={scaling}", f"position.{encoding}.scaling_factor={factor}"])
+    rebuilt = build_model(scaled, model.config.vocab_size)
+    rebuilt.load_state_dict(model.state_dict())
+    return rebuilt.to(next(model.parameters()).device).eval(), scaled
+
+
 def load_run_and_validation(run_dir: Path, device: torch.device) -> tuple[torch.nn.Module, np.ndarray, Any]:
     """The run's model (eval mode, on `device`), its validation tokens and its config.
 
@@ -248,6 +270,12 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--out {out_csv} is a directory; give the CSV file to write (e.g. {out_csv / 'extrapolation.csv'})")
 
     model, val, cfg = load_run_and_validation(run_dir, device)
+    scaling = "none"
+    if args.rope_scaling is not None or args.rope_scaling_factor is not None:
+        kind = args.rope_scaling or "linear"
+        factor = args.rope_scaling_factor or max(1.0, max(lengths) / cfg.model.context_length)
+        model, cfg = with_position_scaling(model, cfg, kind, factor)
+        scaling = f"{kind}:{factor:g}"
     check_eval_memory(model, cfg, [n for n in lengths if window_plan(len(val), n, stride, 1).num_windows], batch_size, device)
     try:
         rows, skipped = evaluate_lengths(model, val, lengths, stride, max_windows, batch_size, device)
@@ -260,12 +288,13 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"no evaluation length fits the validation split of {run_dir} ({len(val)} tokens): "
                         f"lengths up to {len(val) - 1} can be evaluated")
     table = [ExtrapolationRow(**row, train_context_length=cfg.model.context_length, attention_type=cfg.attention.type,
-                              position_embedding=cfg.position.type) for row in rows]
+                              position_embedding=cfg.position.type, position_scaling=scaling) for row in rows]
     for length, why in skipped.items():
         print(f"tcompare eval: skipping length {length}: {why}", file=sys.stderr)
 
     write_extrapolation_csv(table, out_csv)
-    out_png = plot_extrapolation({f"{cfg.attention.type} + {cfg.position.type}": [r.model_dump() for r in table]},
+    label = f"{cfg.attention.type} + {cfg.position.type}" + ("" if scaling == "none" else f" ({scaling})")
+    out_png = plot_extrapolation({label: [r.model_dump() for r in table]},
                                  out_csv.with_suffix(".png"))
     print(format_table(rows, skipped, cfg.model.context_length))
     print(f"wrote {out_csv} and {out_png}")

@@ -71,3 +71,56 @@ def test_odd_head_dim_and_wrong_rank_are_refused():
         apply_rope(torch.randn(1, 1, 2, 5))
     with pytest.raises(ValueError, match="batch, heads, n, head_dim"):
         apply_rope(torch.randn(2, 4))
+
+
+# --- scaling for evaluation past the training context ---------------------------------------------
+
+from transformer_comparison.position import build_position  # noqa: E402
+from transformer_comparison.position.rope import rope_frequencies, scaled_frequencies  # noqa: E402
+
+
+def test_position_interpolation_divides_the_positions():
+    positions = torch.arange(40)
+    linear = Rotary(10000.0, scaling="linear", factor=4.0, trained_context=16).cos_sin(positions, 8, torch.float64)
+    plain = Rotary(10000.0).cos_sin(positions / 4.0, 8, torch.float64)
+    torch.testing.assert_close(linear, plain)
+
+
+def test_ntk_scales_the_base_so_the_lowest_frequency_is_interpolated_by_the_factor():
+    theta, magnitude = scaled_frequencies(16, 10000.0, "ntk", 4.0, 64)
+    plain = rope_frequencies(16, 10000.0)
+    assert magnitude == 1.0 and theta[0] == plain[0]  # the highest frequency is kept
+    torch.testing.assert_close(theta[-1], plain[-1] / 4.0)  # the lowest, interpolated by exactly the factor
+    torch.testing.assert_close(theta, rope_frequencies(16, 10000.0 * 4.0 ** (16 / 14)))
+
+
+def test_yarn_keeps_short_wavelengths_interpolates_long_ones_and_sets_the_temperature():
+    trained = 64
+    theta, magnitude = scaled_frequencies(32, 10000.0, "yarn", 8.0, trained)
+    plain = rope_frequencies(32, 10000.0)
+    ratio = trained * plain / (2 * math.pi)  # training contexts per wavelength
+    torch.testing.assert_close(theta[ratio > 32], plain[ratio > 32])
+    torch.testing.assert_close(theta[ratio < 1], plain[ratio < 1] / 8.0)
+    between = (ratio > 1) & (ratio < 32)
+    assert between.any() and ((theta[between] < plain[between]) & (theta[between] > plain[between] / 8.0)).all()
+    assert magnitude == pytest.approx(0.1 * math.log(8.0) + 1.0)
+
+
+def test_scaling_with_factor_one_is_plain_rope_and_scores_stay_relative():
+    positions = torch.arange(10)
+    torch.testing.assert_close(Rotary(scaling="yarn", factor=1.0, trained_context=8).cos_sin(positions, 8, torch.float64),
+                               Rotary().cos_sin(positions, 8, torch.float64))
+    rope = Rotary(scaling="yarn", factor=4.0, trained_context=8)
+    q, k = torch.randn(1, 1, 1, 8, dtype=torch.float64), torch.randn(1, 1, 1, 8, dtype=torch.float64)
+    first = Rotary(**{**rope.__dict__, "offset": 3}).rotate_qk(q, k)
+    later = Rotary(**{**rope.__dict__, "offset": 11}).rotate_qk(q, k)
+    torch.testing.assert_close(first[0] @ first[1].mT, later[0] @ later[1].mT)
+
+
+def test_rope_encoding_options_are_checked():
+    with pytest.raises(ValueError, match="scaling"):
+        build_position("rope", scaling="cubic")
+    with pytest.raises(ValueError, match="scaling_factor"):
+        build_position("rope", scaling="linear", scaling_factor=0.5)
+    positions = build_position("rope", scaling="yarn", scaling_factor=2.0).kernel_positions(4, 32)
+    assert positions.rope.scaling == "yarn" and positions.rope.trained_context == 32 and positions.alibi_slopes is None

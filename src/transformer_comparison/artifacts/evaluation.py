@@ -22,6 +22,7 @@ class ExtrapolationRow(BaseModel):
     train_context_length: int
     attention_type: str
     position_embedding: str
+    position_scaling: str = "none"  # an evaluation-time scaling of the encoding, e.g. "yarn:4" (tcompare eval --rope_scaling)
 
 
 CSV_COLUMNS = list(ExtrapolationRow.model_fields)

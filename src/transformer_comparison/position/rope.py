@@ -63,6 +63,8 @@ def scaled_frequencies(head_dim: int, base: float, scaling: str, factor: float, 
     if scaling == "linear":
         return theta / factor, 1.0
     if scaling == "ntk":
+        if head_dim <= 2:
+            raise ValueError(f"ntk rope scaling needs a head dimension > 2, got {head_dim}")
         return rope_frequencies(head_dim, base * factor ** (head_dim / (head_dim - 2)), device), 1.0
     ratio = trained_context * theta / (2 * math.pi)  # r_i = L / lambda_i
     keep = ((ratio - YARN_ALPHA) / (YARN_BETA - YARN_ALPHA)).clamp(0.0, 1.0)  # 1: keep, 0: interpolate
