@@ -21,7 +21,6 @@ from transformer_comparison.config import Config, with_overrides
 from transformer_comparison.errors import UserError
 
 GRID_KEYS = {"attention.type": "--attention_types", "position.type": "--position_embeddings", "training.seed": "--seeds"}
-LEARNING_RATE_KEY = "training.learning_rate"
 
 
 @dataclass(frozen=True)
@@ -153,18 +152,3 @@ def sweep_label(point: dict[str, Scalar]) -> str:
     names = short_names(list(point))
     parts = [f"{names[key]}={format_value(value)}" for key, value in point.items()]
     return re.sub(r"[^A-Za-z0-9_.=+-]", "_", "-".join(parts))
-
-
-def column_types(axes: list[SweepAxis]) -> dict[str, type]:
-    """The type of each swept key's column in results.csv (str when the values mix types)."""
-    types: dict[str, type] = {}
-    for axis in axes:
-        kinds = {type(v) for v in axis.values if v is not None}
-        if kinds <= {int, float} and float in kinds:
-            types[axis.key] = float
-        elif len(kinds) == 1:
-            types[axis.key] = kinds.pop()
-        else:
-            types[axis.key] = str
-    return types
-
