@@ -5,7 +5,7 @@ overrides, which win). Its `note` is stored in comparison.json and shown at the 
 Its `sweeps` are default `--sweep` axes: a user's --sweep or override of the same key replaces one
 (`--sweep training.learning_rate=1e-3`, or `training.learning_rate=1e-3`, trains that rate only).
 
-- quick: no sweep (its point is the whole grid within 10 minutes; a learning-rate sweep triples that).
+- quick: no sweep (its point is the whole grid in minutes; a learning-rate sweep would triple that).
 - nanogpt-cpu: `training.learning_rate=5e-4,1e-3,2e-3`, the recipe's 1e-3 and a factor of two either
   side, so that each mechanism gets its own learning rate (efficient mechanisms train in a narrower
   window than softmax attention; zoology sweeps four rates per cell and reports the best).
@@ -31,7 +31,7 @@ class Preset:
 
 QUICK = Preset(
     name="quick",
-    description="the whole 18-cell grid on the embedded python-stdlib corpus within 10 minutes on 2 CPU cores (2 runs at a time)",
+    description="every registered mechanism x encoding at smoke scale on the embedded python-stdlib corpus (2 runs at a time)",
     overrides=(
         "data.dataset=python-stdlib",
         "data.tokenizer=char",
