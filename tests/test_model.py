@@ -65,10 +65,14 @@ def test_parameter_count_by_hand():
     assert small_gpt("dot_product").num_parameters() == full
 
 
-def test_flops_per_token_is_6n_plus_the_attention_term():
-    model = small_gpt()
+def test_flops_per_token_is_6n_plus_the_mechanisms_own_attention_term():
+    model = small_gpt()  # dot_product, 2 layers, d_model 32, context 16
     non_embedding = model.num_parameters() - 37 * 32
-    assert model.flops_per_token() == 6 * non_embedding + 12 * 2 * 32 * 16
+    causal_pairs_per_token = 17 / 2  # sum_{p < 16} (p + 1) / 16
+    assert model.flops_per_token() == round(6 * non_embedding + 3 * 2 * 4 * 32 * causal_pairs_per_token)
+    local = small_gpt("local")  # window 5: fewer pairs, fewer FLOPs, the same weights
+    assert local.flops_per_token() < model.flops_per_token()
+    assert local.num_parameters() == model.num_parameters()
 
 
 @pytest.mark.parametrize("position", POSITION_TYPES)

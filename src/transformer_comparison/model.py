@@ -164,14 +164,15 @@ class GPT(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def flops_per_token(self) -> int:
-        """Training FLOPs per token, 6N + 12 L d T (Kaplan et al. 2020 / PaLM appendix B), N without embeddings.
-
-        The attention term counts dense attention over the full context; it is an upper bound for the
-        efficient mechanisms, whose real cost the kernel benchmark measures.
-        """
+        """Training FLOPs per token: 6 N for the weights (Kaplan et al. 2020; N without the embedding)
+        plus 3 x the attention operation's forward FLOPs per token from the mechanism's own FLOP model
+        (`AttentionKernel.flops`, causal, over a full training window), forward and backward."""
         c = self.config
         non_embedding = self.num_parameters() - self.token_embedding.weight.numel()
-        return 6 * non_embedding + 12 * c.num_layers * c.d_model * c.context_length
+        kernel = self.blocks[0].attn.kernel
+        window = kernel.flops(batch=1, heads=c.num_heads, nq=c.context_length, nk=c.context_length,
+                              head_dim=c.head_dim, causal=True)
+        return round(6 * non_embedding + 3 * c.num_layers * window / c.context_length)
 
     def position_rows(self, n: int, start: int = 0) -> Tensor:
         """Rows start .. start + n - 1 of the encoding's additive embeddings (the cached table within

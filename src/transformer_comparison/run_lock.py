@@ -117,6 +117,11 @@ def lock_owner(directory: str | os.PathLike[str]) -> int | None:
     return None
 
 
+# looked up once at import: find_library may run ldconfig, which a forked child of a threaded
+# process (die_with_parent runs between fork and exec) must not do
+_LIBC = (ctypes.util.find_library("c") or "libc.so.6") if sys.platform.startswith("linux") else ""
+
+
 def die_with_parent(signum: int = signal.SIGTERM) -> None:
     """Have the kernel send `signum` to this process when its parent exits (Linux; a no-op elsewhere).
 
@@ -125,7 +130,7 @@ def die_with_parent(signum: int = signal.SIGTERM) -> None:
     """
     if not sys.platform.startswith("linux"):
         return
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    libc = ctypes.CDLL(_LIBC, use_errno=True)
     parent = os.getppid()
     if libc.prctl(PR_SET_PDEATHSIG, signum, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")

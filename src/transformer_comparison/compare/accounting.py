@@ -24,7 +24,6 @@ from transformer_comparison.errors import UserError
 MLP_RATIO_KEY = "model.mlp_ratio"
 MATCH_TOLERANCE = 0.01  # --match params: within 1% of dot_product's non-embedding parameters
 FLAG_TOLERANCE = 0.10  # the report flags cells more than 10% away
-REFERENCE_MECHANISM = "dot_product"
 
 
 @dataclass(frozen=True)
@@ -35,6 +34,13 @@ class ParameterCount:
     @property
     def total(self) -> int:
         return self.embedding + self.non_embedding
+
+
+def reference_mechanism() -> str:
+    """The mechanism parameter counts are compared with: the registry's baseline (dot_product)."""
+    from transformer_comparison.attention.registry import baseline_name
+
+    return baseline_name()
 
 
 def parameter_count(cfg: Config, vocab_size: int = 1) -> ParameterCount:
@@ -86,9 +92,9 @@ def steps_for_flop_budget(cfg: Config, flops_per_token: float) -> int:
 
 def reference_config(cfg: Config) -> Config:
     """The same config with dot_product attention: what a mechanism's parameter count is held against."""
-    if cfg.attention.type == REFERENCE_MECHANISM:
+    if cfg.attention.type == reference_mechanism():
         return cfg
-    return with_overrides(cfg, [f"attention.type={REFERENCE_MECHANISM}"])
+    return with_overrides(cfg, [f"attention.type={reference_mechanism()}"])
 
 
 def has_mlp_ratio(cfg: Config) -> bool:

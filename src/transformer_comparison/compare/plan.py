@@ -238,7 +238,7 @@ def effective_config(cfg: Config) -> str:
 
 def matched_width(cfg: Config, reference: int) -> dict[str, Scalar]:
     """--match params: the MLP width that brings the cell within 1% of dot_product's non-embedding parameters."""
-    if cfg.attention.type == accounting.REFERENCE_MECHANISM:
+    if cfg.attention.type == accounting.reference_mechanism():
         return {}
     ratio = accounting.match_mlp_ratio(cfg, reference)
     return {} if ratio is None else {accounting.MLP_RATIO_KEY: ratio}
