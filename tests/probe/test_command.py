@@ -12,9 +12,10 @@ from transformer_comparison.attention.registry import kernel_class
 from transformer_comparison.cli import main
 from transformer_comparison.probe.results import COLUMNS, read_rows
 
-TINY = ["--position_embeddings", "rope", "--seq_lens", "16", "--kv_pairs", "2", "--d_models", "16",
-        "--learning_rates", "1e-2", "--vocab_size", "32", "--num_train", "128", "--num_test", "32",
-        "--batch_size", "16", "--max_steps", "8", "--eval_interval", "4", "--eval_examples", "32", "--jobs", "1"]
+TASK = ["--seq_lens", "16", "--kv_pairs", "2", "--num_train", "128", "--num_test", "32"]
+MODEL = ["--position_embeddings", "rope", "--d_models", "16", "--learning_rates", "1e-2", "--vocab_size", "32",
+         "--batch_size", "16", "--max_steps", "8", "--eval_interval", "4", "--eval_examples", "32", "--jobs", "1"]
+TINY = TASK + MODEL
 
 
 def probe(*args: str) -> int:
@@ -42,7 +43,7 @@ def test_write_data_then_data_reproduces_the_generated_run(tmp_path: Path):
     assert probe("--attention_types", "local", *TINY, "--out", str(generated)) == 0
     assert probe(*TINY, "--write_data", str(data)) == 0
     assert sorted(p.name for p in data.iterdir()) == ["test.npz", "train.npz"]
-    assert probe("--attention_types", "local", *TINY, "--data", str(data), "--out", str(external)) == 0
+    assert probe("--attention_types", "local", *MODEL, "--data", str(data), "--out", str(external)) == 0
     ours, theirs = read_rows(generated / "mqar.csv")[0], read_rows(external / "mqar.csv")[0]
     assert theirs.data == str(data) and theirs.alpha is None and theirs.fraction_within_window is None
     assert (theirs.seq_len, theirs.num_kv_pairs, theirs.vocab_size) == (ours.seq_len, ours.num_kv_pairs, ours.vocab_size)
@@ -60,8 +61,7 @@ def test_refused_encoding_is_a_row_with_the_reason(tmp_path: Path, monkeypatch):
 @pytest.mark.slow
 def test_worker_pool_runs_every_run(tmp_path: Path):
     out = tmp_path / "out"
-    args = [a if a != "1" or i == 0 else a for i, a in enumerate(TINY)][:-2]  # drop --jobs 1
-    assert probe("--attention_types", "dot_product,local", *args, "--jobs", "2", "--out", str(out)) == 0
+    assert probe("--attention_types", "dot_product,local", *TINY[:-2], "--jobs", "2", "--out", str(out)) == 0
     rows = read_rows(out / "mqar.csv")
     assert sorted(r.attention_type for r in rows) == ["dot_product", "local"]
     assert all(r.status in ("completed", "early_stopped") for r in rows)
@@ -78,13 +78,13 @@ def test_worker_pool_runs_every_run(tmp_path: Path):
     (["--learning_rates", "fast"], "is not a number"),
     (["training.learning_rate=1e-3"], "use --learning_rates"),
     (["model.no_such_key=1"], "unknown key model.no_such_key"),
-    (["--data", "nowhere", "--test_seq_lens", "64"], "--test_seq_lens needs generated data"),
+    (["--data", "nowhere", "--kv_pairs", "4"], "brings its own examples; drop --kv_pairs"),
     (["--data", "nowhere"], "is not a directory"),
     (["--write_data", "x", "--kv_pairs", "2,3"], "one --kv_pairs value"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path: Path, capsys, args, words):
     out = tmp_path / "out"
-    base = ["--seq_lens", "16", "--kv_pairs", "2", "--vocab_size", "32"]
+    base = [] if "--data" in args else ["--seq_lens", "16", "--kv_pairs", "2", "--vocab_size", "32"]
     assert probe(*base, *args, "--out", str(out)) == 2
     err = capsys.readouterr().err.strip()
     assert words in err and "\n" not in err

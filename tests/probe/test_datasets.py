@@ -8,7 +8,13 @@ import numpy as np
 import pytest
 
 from transformer_comparison.errors import UserError
-from transformer_comparison.probe.datasets import labels_per_example, read_examples, read_npz, vocab_needed, write_examples
+from transformer_comparison.probe.datasets import (
+    labels_per_example,
+    read_examples,
+    read_npz,
+    vocab_needed,
+    write_examples,
+)
 from transformer_comparison.probe.mqar import Examples, MQARTask, generate
 
 

@@ -9,7 +9,14 @@ from scipy import stats
 
 from transformer_comparison.errors import UserError
 from transformer_comparison.probe.mqar import (
-    IGNORE_INDEX, MQARTask, accuracy, check_task, fraction_within, generate, query_distances, sample_query_slots,
+    IGNORE_INDEX,
+    MQARTask,
+    accuracy,
+    check_task,
+    fraction_within,
+    generate,
+    query_distances,
+    sample_query_slots,
     slot_probabilities,
 )
 

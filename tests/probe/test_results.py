@@ -5,15 +5,24 @@ from __future__ import annotations
 from pathlib import Path
 
 from transformer_comparison.probe.report import report_section
-from transformer_comparison.probe.results import COLUMNS, ProbeRow, best_cells, finished_runs, merge_rows, read_rows, write_rows
+from transformer_comparison.probe.results import (
+    COLUMNS,
+    ProbeRow,
+    best_cells,
+    finished_runs,
+    merge_rows,
+    read_rows,
+    write_rows,
+)
 
 
 def make(attention="dot_product", position="rope", seq_len=64, pairs=4, d_model=32, lr=1e-3, seed=1, test_len=None,
-         accuracy=0.5, steps=100, status="completed", state=1000, window=None, reach=None) -> ProbeRow:
+         accuracy=0.5, steps=100, status="completed", state=1000, window=None, reach=None, reach_layers=None,
+         grows=None) -> ProbeRow:
     return ProbeRow(attention_type=attention, position_embedding=position, seq_len=seq_len, num_kv_pairs=pairs,
                     d_model=d_model, learning_rate=lr, seed=seed, test_seq_len=test_len or seq_len, accuracy=accuracy,
-                    state_bytes=state, train_steps=steps, status=status, wall_seconds=1.0, window=window,
-                    fraction_within_window=reach, vocab_size=256, alpha=0.01, num_layers=2, num_heads=2, mlp=False,
+                    state_bytes=state, state_grows=grows, train_steps=steps, status=status, wall_seconds=1.0, window=window,
+                    fraction_within_window=reach, fraction_within_layers=reach_layers, vocab_size=256, alpha=0.01, num_layers=2, num_heads=2, mlp=False,
                     num_parameters=10, final_train_loss=1.0, data="generated")
 
 
@@ -56,11 +65,12 @@ def test_report_section_states_the_hardest_setting(tmp_path: Path):
     rows = []
     for length, pairs in ((64, 4), (128, 16)):
         for d_model in (32, 64):
-            rows += [make("dot_product", seq_len=length, pairs=pairs, d_model=d_model, accuracy=1.0, state=length * d_model * 8),
+            rows += [make("dot_product", seq_len=length, pairs=pairs, d_model=d_model, accuracy=1.0, state=length * d_model * 8,
+                          grows=True),
                      make("linear", seq_len=length, pairs=pairs, d_model=d_model, accuracy=0.2 + d_model / 200,
-                          state=d_model * d_model * 4),
+                          state=d_model * d_model * 4, grows=False),
                      make("local", seq_len=length, pairs=pairs, d_model=d_model, accuracy=0.3, window=32, reach=0.38,
-                          state=31 * d_model * 8)]
+                          reach_layers=0.76, state=31 * d_model * 8, grows=False)]
     path = tmp_path / "mqar.csv"
     write_rows(path, merge_rows([], rows))
     section = report_section(path)
@@ -70,6 +80,6 @@ def test_report_section_states_the_hardest_setting(tmp_path: Path):
     text = section.statement
     assert "L = 128" in text and "D = 16" in text and "dot_product+rope recalls" in text
     assert "grows with the sequence (dot_product)" in text and "fixed-size state (linear, local)" in text
-    assert "window 32" in text and "38%" in text
+    assert "local+rope (window 32) scores 0.30; 38% of the queries have their value within one window, 76% within the 63" in text
     assert "From d_model 32 to 64, 1 of 3 cells gain" in text
     assert section.state_plot is None  # no plot beside this csv

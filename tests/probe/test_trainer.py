@@ -10,7 +10,10 @@ import transformer_comparison.attention  # noqa: F401  (registers the mechanisms
 from transformer_comparison.attention.registry import registered_names
 from transformer_comparison.config import load_config
 from transformer_comparison.probe.mqar import MQARTask, generate
-from transformer_comparison.probe.trainer import Budget, batch_order, build_probe_model, measure_state_bytes, train_and_score
+from transformer_comparison.probe.trainer import (
+    DECAY_FRACTION, MIN_LR_FRACTION, Budget, batch_order, build_probe_model, learning_rate_at, measure_state_bytes,
+    train_and_score,
+)
 
 D_MODEL, WINDOW = 16, 8
 
@@ -53,7 +56,7 @@ def test_early_stopping_and_every_test_length_scored():
     result = train_and_score(config("dot_product"), 32, 1e-2, 0, budget, train, tests)
     assert result.status == "early_stopped" and result.train_steps == 5  # any accuracy > 0 passes a bar of 0
     assert set(result.accuracy) == set(result.state_bytes) == {16, 24}
-    assert result.state_bytes[24] == result.state_bytes[16] * 24 // 16
+    assert result.state_bytes[24] == result.state_bytes[16] * 24 // 16 and result.state_grows
 
 
 def test_a_run_is_a_pure_function_of_its_inputs():
@@ -61,7 +64,7 @@ def test_a_run_is_a_pure_function_of_its_inputs():
     budget = Budget(batch_size=16, max_steps=6, warmup_steps=2, eval_interval=3, eval_examples=32)
     first = train_and_score(config("local"), 32, 1e-2, 3, budget, train, tests)
     second = train_and_score(config("local"), 32, 1e-2, 3, budget, train, tests)
-    assert first.status == "completed" and first.train_steps == 6
+    assert first.status == "completed" and first.train_steps == 6 and not first.state_grows  # local: a bounded cache
     assert first.accuracy == second.accuracy and first.final_train_loss == second.final_train_loss
 
 
@@ -73,3 +76,13 @@ def test_batch_order_covers_the_examples(examples, batch):
         per_pass = examples // batch
         assert len(np.unique(order[:per_pass])) == per_pass * batch
     assert (order == batch_order(examples, batch, 20, seed=1)).all()
+
+
+def test_learning_rate_warms_up_holds_then_decays_to_a_tenth():
+    budget = Budget(max_steps=100, warmup_steps=10)
+    rates = [learning_rate_at(step, 1.0, budget) for step in range(100)]
+    assert rates[0] < rates[5] < rates[9] < 1.0  # warmup
+    assert rates[10] == rates[50] == rates[79] == 1.0  # held until the last DECAY_FRACTION of the budget
+    assert rates[80] == 1.0 and all(a >= b for a, b in zip(rates[80:], rates[81:]))
+    assert abs(learning_rate_at(100, 1.0, budget) - MIN_LR_FRACTION) < 1e-12
+    assert DECAY_FRACTION == 0.2

@@ -22,7 +22,12 @@ from typing import Any
 from transformer_comparison.errors import UserError
 from transformer_comparison.probe.mqar import MQARTask, fraction_within, generate
 from transformer_comparison.probe.report import ProbeSection, report_section
-from transformer_comparison.probe.settings import DEFAULT_VOCAB, PRESETS, ProbeSettings, with_preset
+from transformer_comparison.probe.settings import (
+    DEFAULT_VOCAB,
+    PRESETS,
+    ProbeSettings,
+    with_preset,
+)
 
 __all__ = ["MQARTask", "ProbeSection", "ProbeSettings", "add_arguments", "fraction_within", "generate",
            "report_section", "run", "run_probe", "write_data"]
@@ -32,7 +37,9 @@ DEFAULT_OUT = Path("results/mqar")
 
 def run_probe(settings: ProbeSettings, out_dir: Path, log: Any = print) -> Path:
     """Run (or resume) the sweep into out_dir; returns DIR/mqar.csv."""
-    from transformer_comparison.probe.runner import run_probe as _run_probe  # torch only when running
+    from transformer_comparison.probe.runner import (
+        run_probe as _run_probe,  # torch only when running
+    )
 
     return _run_probe(settings, out_dir, log=log)
 
@@ -151,6 +158,10 @@ def settings_from_args(args: argparse.Namespace) -> ProbeSettings:
     if args.mlp is not None:
         changes["mlp"] = args.mlp == "on"
     if args.data is not None:
+        given = [f"--{name}" for name in ("seq_lens", "kv_pairs", "test_seq_lens", "alpha", "random_non_queries", "num_train",
+                                           "num_test") if getattr(args, name) is not None]
+        if given:
+            raise UserError(f"--data DIR brings its own examples; drop {', '.join(given)}")
         changes["data_dir"] = args.data
     budget = {name: _int(getattr(args, name), f"--{name}") for name in
               ("batch_size", "max_steps", "warmup_steps", "eval_interval", "eval_examples") if getattr(args, name) is not None}

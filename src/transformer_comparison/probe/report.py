@@ -8,8 +8,8 @@
 
 Every number is the cell's best learning rate, averaged over seeds. The hardest setting is the one
 with the most key-value pairs, then the longest training length. Nothing here knows a mechanism by
-name: whether a mechanism's state grows with the sequence is read from the state_bytes column,
-and the window's reach from the fraction_within_window column.
+name: whether a mechanism's state grows with the sequence is read from the state_grows column,
+and the window's reach from the fraction_within_* columns.
 """
 
 from __future__ import annotations
@@ -90,19 +90,10 @@ def accuracy_table(at_length: pd.DataFrame, setting: tuple[int, int]) -> tuple[l
 
 
 def growth_of_state(at_length: pd.DataFrame) -> dict[str, bool]:
-    """Mechanism -> whether its state grows with the length (read from state_bytes at the smallest
-    and largest training length, same d_model); only mechanisms seen at two or more lengths."""
-    grows = {}
-    for mechanism, group in at_length.dropna(subset=["state_bytes"]).groupby("attention_type"):
-        lengths = sorted(group["seq_len"].unique())
-        if len(lengths) < 2:
-            continue
-        d_model = group["d_model"].max()
-        at_d = group[group["d_model"] == d_model]
-        short = at_d[at_d["seq_len"] == lengths[0]]["state_bytes"].max()
-        long = at_d[at_d["seq_len"] == lengths[-1]]["state_bytes"].max()
-        grows[mechanism] = bool(long > short)
-    return grows
+    """Mechanism -> whether its decoding state grows with the sequence (the state_grows column,
+    measured per run at twice the training length)."""
+    known = at_length.dropna(subset=["state_grows"])
+    return {str(m): bool(group["state_grows"].astype(bool).any()) for m, group in known.groupby("attention_type")}
 
 
 def statement(summary: pd.DataFrame, setting: tuple[int, int], raw: list[ProbeRow]) -> list[str]:
@@ -129,8 +120,10 @@ def statement(summary: pd.DataFrame, setting: tuple[int, int], raw: list[ProbeRo
                          f"{mean(growing):.2f} there; those with a fixed-size state ({', '.join(fixed)}) {mean(fixed):.2f}.")
     windowed = top.dropna(subset=["window", "fraction_within_window"])
     for r in windowed.itertuples():
-        sentences.append(f"{label(r)} (window {int(r.window)}) scores {r.accuracy:.2f} where "
-                         f"{r.fraction_within_window:.0%} of the queries have their value within the window.")
+        stack = int(r.num_layers) * (int(r.window) - 1) + 1
+        sentences.append(f"{label(r)} (window {int(r.window)}) scores {r.accuracy:.2f}; {r.fraction_within_window:.0%} of "
+                         f"the queries have their value within one window, {r.fraction_within_layers:.0%} within the "
+                         f"{stack} positions its {int(r.num_layers)} layers can relay.")
     if top["position_embedding"].nunique() > 1:
         by_encoding = top.groupby("position_embedding")["accuracy"].mean().sort_values(ascending=False)
         sentences.append("Averaged over mechanisms there, by encoding: "

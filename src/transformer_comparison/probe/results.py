@@ -40,12 +40,14 @@ class ProbeRow(BaseModel):
     test_seq_len: int  # the length scored: L itself, then each --test_seq_lens value above it
     accuracy: float | None  # mean over examples of the share of labelled positions predicted right
     state_bytes: int | None  # bytes per layer held to decode the next token after test_seq_len tokens
+    state_grows: bool | None = None  # whether that state is larger after twice as many tokens (a cache, not a fixed state)
     train_steps: int | None  # optimizer steps taken (early stopping ends a run before its budget)
     status: Status
     best_for_cell: bool = False
     wall_seconds: float  # the run's wall-clock time (training and every test length)
     window: int | None  # the mechanism's `window` option, if it has one
-    fraction_within_window: float | None  # share of queries whose value lies within the window (generator)
+    fraction_within_window: float | None  # share of queries whose value lies within one window (generator)
+    fraction_within_layers: float | None = None  # ... within the stack's reach, num_layers * (window - 1) + 1 positions
     vocab_size: int
     alpha: float | None  # the power law of the query gaps (None with --data)
     num_layers: int
@@ -94,7 +96,8 @@ def merge_rows(rows: list[ProbeRow], new: list[ProbeRow]) -> list[ProbeRow]:
 def to_frame(rows: list[ProbeRow]) -> pd.DataFrame:
     """The rows as a DataFrame with the table's columns (missing values NaN)."""
     frame = pd.DataFrame([row.model_dump() for row in rows], columns=COLUMNS)
-    for column in ("accuracy", "fraction_within_window", "state_bytes", "train_steps", "window"):
+    for column in ("accuracy", "fraction_within_window", "fraction_within_layers", "state_bytes", "train_steps",
+                   "window", "num_layers"):
         frame[column] = pd.to_numeric(frame[column], errors="coerce")
     return frame
 
@@ -117,9 +120,9 @@ def mark_best(rows: list[ProbeRow]) -> list[ProbeRow]:
 def best_cells(rows: list[ProbeRow]) -> pd.DataFrame:
     """One row per (cell, test length) at the cell's best learning rate, averaged over seeds: CELL_KEYS,
     test_seq_len, accuracy (mean), accuracy_min, accuracy_max, seeds, learning_rate, state_bytes, window,
-    fraction_within_window."""
+    fraction_within_window, fraction_within_layers, num_layers, state_grows."""
     columns = [*CELL_KEYS, "test_seq_len", "accuracy", "accuracy_min", "accuracy_max", "seeds", "learning_rate",
-               "state_bytes", "window", "fraction_within_window"]
+               "state_bytes", "window", "fraction_within_window", "fraction_within_layers", "num_layers", "state_grows"]
     frame = to_frame(rows)
     best = frame[frame["best_for_cell"] & frame["accuracy"].notna()]
     if best.empty:
@@ -128,5 +131,7 @@ def best_cells(rows: list[ProbeRow]) -> pd.DataFrame:
         accuracy=("accuracy", "mean"), accuracy_min=("accuracy", "min"), accuracy_max=("accuracy", "max"),
         seeds=("seed", "nunique"), learning_rate=("learning_rate", "first"), state_bytes=("state_bytes", "max"),
         window=("window", "first"), fraction_within_window=("fraction_within_window", "first"),
+        fraction_within_layers=("fraction_within_layers", "first"), num_layers=("num_layers", "first"),
+        state_grows=("state_grows", "first"),
     )
     return summary[columns]

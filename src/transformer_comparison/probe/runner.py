@@ -26,17 +26,27 @@ import numpy as np
 import torch
 
 import transformer_comparison.attention  # noqa: F401  (registers the mechanisms)
+from transformer_comparison.artifacts.io import write_text_atomic
 from transformer_comparison.attention.registry import kernel_class, registered_names
 from transformer_comparison.config import Config, validate_config
 from transformer_comparison.errors import UserError
 from transformer_comparison.position import position_names
 from transformer_comparison.probe import datasets, results
-from transformer_comparison.artifacts.io import write_text_atomic
-from transformer_comparison.probe.mqar import Examples, MQARTask, fraction_within, generate
-from transformer_comparison.probe.settings import (
-    ProbeSettings, base_config, check_settings, fingerprint_hash, run_config, window_of,
+from transformer_comparison.probe.mqar import (
+    Examples,
+    MQARTask,
+    fraction_within,
+    generate,
 )
 from transformer_comparison.probe.results import ProbeRow
+from transformer_comparison.probe.settings import (
+    ProbeSettings,
+    base_config,
+    check_settings,
+    fingerprint_hash,
+    run_config,
+    window_of,
+)
 from transformer_comparison.probe.trainer import resolve_device, train_and_score
 
 FORMAT_VERSION = 1
@@ -150,7 +160,7 @@ def execute(spec: RunSpec) -> list[ProbeRow]:
                 for length in spec.test_seq_lens]
     return [
         make_row(spec, length, status=result.status, accuracy=result.accuracy[length],
-                 state_bytes=result.state_bytes[length], train_steps=result.train_steps,
+                 state_bytes=result.state_bytes[length], state_grows=result.state_grows, train_steps=result.train_steps,
                  wall_seconds=result.wall_seconds, num_parameters=result.num_parameters,
                  final_train_loss=result.final_train_loss if math.isfinite(result.final_train_loss) else None,
                  vocab_size=vocab)
@@ -165,18 +175,23 @@ def reach(window: int, seq_len: int, num_kv_pairs: int, alpha: float) -> float:
 
 
 def make_row(spec: RunSpec, test_seq_len: int, *, status: str, accuracy: float | None = None,
-             state_bytes: int | None = None, train_steps: int | None = None, wall_seconds: float = 0.0,
+             state_bytes: int | None = None, state_grows: bool | None = None, train_steps: int | None = None,
+             wall_seconds: float = 0.0,
              num_parameters: int | None = None, final_train_loss: float | None = None, vocab_size: int | None = None,
              note: str | None = None) -> ProbeRow:
     """One row of mqar.csv."""
     settings, window = spec.settings, spec.window
     generated = settings.data_dir is None
+    reachable = bool(window) and generated
+    stack = spec.num_layers * (window - 1) + 1 if window else None
     return ProbeRow(
         attention_type=spec.attention_type, position_embedding=spec.position_embedding, seq_len=spec.seq_len,
         num_kv_pairs=spec.num_kv_pairs, d_model=spec.d_model, learning_rate=spec.learning_rate, seed=spec.seed,
-        test_seq_len=test_seq_len, accuracy=accuracy, state_bytes=state_bytes, train_steps=train_steps, status=status,
+        test_seq_len=test_seq_len, accuracy=accuracy, state_bytes=state_bytes, state_grows=state_grows,
+        train_steps=train_steps, status=status,
         wall_seconds=round(wall_seconds, 2), window=window,
-        fraction_within_window=reach(window, test_seq_len, spec.num_kv_pairs, settings.alpha) if window and generated else None,
+        fraction_within_window=reach(window, test_seq_len, spec.num_kv_pairs, settings.alpha) if reachable else None,
+        fraction_within_layers=reach(stack, test_seq_len, spec.num_kv_pairs, settings.alpha) if reachable else None,
         vocab_size=vocab_size or settings.generated_vocab, alpha=settings.alpha if generated else None,
         num_layers=spec.num_layers, num_heads=spec.num_heads, mlp=settings.mlp,
         num_parameters=num_parameters, final_train_loss=final_train_loss,
@@ -269,7 +284,9 @@ def run_probe(settings: ProbeSettings, out_dir: Path, log=print) -> Path:
         log(f"[{finished}/{len(pending)}] {spec.describe()}: {_summary(rows)}")
     if not csv_path.exists():
         results.write_rows(csv_path, table)
-    from transformer_comparison.probe import plots  # matplotlib only once there is something to draw
+    from transformer_comparison.probe import (
+        plots,  # matplotlib only once there is something to draw
+    )
 
     for path in plots.write_plots(table, out_dir):
         log(f"plot: {path}")
