@@ -80,6 +80,6 @@ def test_report_section_states_the_hardest_setting(tmp_path: Path):
     text = section.statement
     assert "L = 128" in text and "D = 16" in text and "dot_product+rope recalls" in text
     assert "grows with the sequence (dot_product)" in text and "fixed-size state (linear, local)" in text
-    assert "local+rope (window 32) scores 0.30; 38% of the queries have their value within one window, 76% within the 63" in text
+    assert "local (window 32) scores rope 0.30; 38% of the queries have their value within one window, 76% within the 63" in text
     assert "From d_model 32 to 64, 1 of 3 cells gain" in text
     assert section.state_plot is None  # no plot beside this csv

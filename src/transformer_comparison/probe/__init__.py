@@ -103,7 +103,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--eval_examples", metavar="N", help=f"held-out examples per check (default {b.eval_examples})")
     train.add_argument("--target_accuracy", metavar="A", help=f"stop early above this accuracy (default {b.target_accuracy})")
     train.add_argument("--jobs", metavar="N", help="runs at once, one thread each (default: one per CPU core; 1 on CUDA)")
-    mqar.add_argument("--preset", choices=tuple(PRESETS), help="quick: a smoke sweep of every mechanism in about 2 minutes")
+    mqar.add_argument("--preset", choices=tuple(PRESETS), help="quick: a smoke sweep, every registered mechanism once (docs/probe.md)")
     mqar.add_argument("--config", type=Path, help="base YAML config (default: the built-in defaults)")
     mqar.add_argument("--out", type=Path, metavar="DIR", help=f"output directory (default {DEFAULT_OUT}, {DEFAULT_OUT}-quick with --preset quick)")
     mqar.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides, e.g. attention.window=16")

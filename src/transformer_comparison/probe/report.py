@@ -67,6 +67,12 @@ def _fmt(value: float) -> str:
     return "—" if pd.isna(value) else f"{value:.3f}"
 
 
+def _listed(items: list[str], limit: int = 10) -> str:
+    """Comma-separated, the first `limit` items and a count of the rest."""
+    shown = ", ".join(items[:limit])
+    return shown if len(items) <= limit else f"{shown} and {len(items) - limit} more"
+
+
 def hardest_setting(summary: pd.DataFrame) -> tuple[int, int]:
     """(L, D) with the most key-value pairs, then the longest length."""
     settings = sorted(set(zip(summary["num_kv_pairs"], summary["seq_len"])))
@@ -108,9 +114,9 @@ def statement(summary: pd.DataFrame, setting: tuple[int, int], raw: list[ProbeRo
     short = sorted(((r.accuracy, label(r)) for r in top.itertuples() if r.accuracy < RECALLS))
     sentences = [f"Multi-query associative recall at the hardest setting of this sweep (L = {length} tokens, D = {pairs} "
                  f"key-value pairs, d_model = {widest}, each cell at its best learning rate): "
-                 + (f"{', '.join(recall)} recall{'s' if len(recall) == 1 else ''} (accuracy >= {RECALLS})" if recall
-                    else f"no mechanism reaches accuracy {RECALLS}")
-                 + ("; " + ", ".join(f"{name} {acc:.2f}" for acc, name in short) + " fall short." if short else ".")]
+                 + (f"{_listed(recall)} recall{'s' if len(recall) == 1 else ''} (accuracy >= {RECALLS})" if recall
+                    else f"no cell reaches accuracy {RECALLS}")
+                 + ("; " + _listed([f"{name} {acc:.2f}" for acc, name in short]) + " fall short." if short else ".")]
     grows = growth_of_state(at_length)
     if grows and len(set(grows.values())) == 2:
         mean = lambda names: top[top["attention_type"].isin(names)]["accuracy"].mean()  # noqa: E731
@@ -119,11 +125,13 @@ def statement(summary: pd.DataFrame, setting: tuple[int, int], raw: list[ProbeRo
         sentences.append(f"Mechanisms whose decoding state grows with the sequence ({', '.join(growing)}) average "
                          f"{mean(growing):.2f} there; those with a fixed-size state ({', '.join(fixed)}) {mean(fixed):.2f}.")
     windowed = top.dropna(subset=["window", "fraction_within_window"])
-    for r in windowed.itertuples():
-        stack = int(r.num_layers) * (int(r.window) - 1) + 1
-        sentences.append(f"{label(r)} (window {int(r.window)}) scores {r.accuracy:.2f}; {r.fraction_within_window:.0%} of "
-                         f"the queries have their value within one window, {r.fraction_within_layers:.0%} within the "
-                         f"{stack} positions its {int(r.num_layers)} layers can relay.")
+    for (mechanism, window), group in windowed.groupby(["attention_type", "window"], sort=False):
+        first = group.iloc[0]
+        layers = int(first["num_layers"])
+        scores = ", ".join(f"{r.position_embedding} {r.accuracy:.2f}" for r in group.itertuples())
+        sentences.append(f"{mechanism} (window {int(window)}) scores {scores}; {first['fraction_within_window']:.0%} of the "
+                         f"queries have their value within one window, {first['fraction_within_layers']:.0%} within the "
+                         f"{layers * (int(window) - 1) + 1} positions its {layers} layers can relay.")
     if top["position_embedding"].nunique() > 1:
         by_encoding = top.groupby("position_embedding")["accuracy"].mean().sort_values(ascending=False)
         sentences.append("Averaged over mechanisms there, by encoding: "
