@@ -69,7 +69,8 @@ def trainer_of(run_dir: Path) -> int | None:
                 command = (entry / "cmdline").read_bytes().split(b"\0")
             except OSError:
                 continue
-            if b"train" in command and str(run_dir).encode() in command:
+            tail = str(Path(*run_dir.parts[-3:])).encode()  # ray/runs/CELL, however the path was spelled
+            if b"train" in command and any(tail in argument for argument in command):
                 return int(entry.name)
     return None
 
