@@ -11,6 +11,8 @@ to each band, and the benchmark hands it to torch's SDPA as `attn_mask`. Adding 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -41,3 +43,12 @@ def hidden_keys(offset: Tensor, *, causal: bool, window: int | None = None) -> T
         too_far = offset >= window
         hidden = too_far if hidden is None else hidden | too_far
     return hidden
+
+
+@functools.lru_cache(maxsize=32)
+def end_aligned_causal_bias(nq: int, nk: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """The causal bias (nq, nk) of end-aligned queries without slopes (0 visible, -inf hidden), built
+    once per shape: a training step would otherwise rebuild the same small tensor in every layer.
+    Shared and read-only: add it, never write into it."""
+    k_positions = torch.arange(nk, device=device)
+    return position_bias(offsets(k_positions[nk - nq :], k_positions), causal=True, dtype=dtype)

@@ -24,7 +24,7 @@ from transformer_comparison.attention.base import (
     rotate_qk,
     ungroup,
 )
-from transformer_comparison.attention.bias import offsets, position_bias
+from transformer_comparison.attention.bias import end_aligned_causal_bias, offsets, position_bias
 from transformer_comparison.attention.registry import register_attention
 from transformer_comparison.position.rope import Rotary
 
@@ -36,9 +36,11 @@ def dense_scores(q: Tensor, k: Tensor, causal: bool, alibi_slopes: Tensor | None
     scores = grouped_matmul(q5, k.transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))
     if not causal and alibi_slopes is None:
         return scores
+    if alibi_slopes is None:  # the common training case: a cached bias, added in place (the same sums)
+        return scores.add_(end_aligned_causal_bias(nq, nk, q.device, scores.dtype))
     offset = offsets(*query_key_positions(nq, nk, q.device))
     slopes = grouped_slopes(alibi_slopes, kv_heads)
-    return scores + position_bias(offset, causal=causal, slopes=slopes, dtype=scores.dtype)
+    return scores.add_(position_bias(offset, causal=causal, slopes=slopes, dtype=scores.dtype))
 
 
 @register_attention("dot_product")
