@@ -176,6 +176,8 @@ def test_with_overrides_copies():
     (["logging.wandb=on"], "logging.wandb"),
     (["training.learning_rate"], "section.key=value"),
     (["model.dropout=[0.1"], "not valid YAML"),
+    (["model.short_conv=1"], "model.short_conv"),
+    (["model.short_conv=-2"], "model.short_conv"),
 ])
 def test_bad_values_give_one_line_naming_the_key(overrides, expected):
     assert expected in user_error(None, overrides)

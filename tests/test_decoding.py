@@ -233,3 +233,18 @@ def test_generate_cli_greedy_output_is_the_same_with_and_without_cache(tmp_path:
         assert result.returncode == 0, result.stderr
         outputs.append(result.stdout)
     assert outputs[0] == outputs[1] and outputs[0].startswith("the ")  # 15 tokens: within the context of 16
+
+
+@pytest.mark.parametrize("attention", ["dot_product", "local", "linear", "deltanet"])
+def test_cached_decoding_with_a_short_convolution_matches_the_full_pass(attention):
+    """The layer cache carries the convolution's last K - 1 inputs across calls of any size."""
+    model = small_gpt(attention, "rope", short_conv=4)
+    idx = torch.randint(0, 50, (2, sum(STEPS)), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        full = model(idx)[0]
+    cached, caches = decode_in_steps(model, idx, STEPS)
+    torch.testing.assert_close(cached, full, atol=1e-4, rtol=0)
+    plain = small_gpt(attention, "rope")
+    _, plain_caches = decode_in_steps(plain, idx, STEPS)
+    width = model.blocks[0].attn.qkv.out_features
+    assert caches[0].nbytes == plain_caches[0].nbytes + 2 * 3 * width * 4  # batch 2, K - 1 = 3 float32 rows

@@ -140,3 +140,33 @@ def test_decoding_arguments_are_checked():
         model(idx, caches=model.new_caches()[:1])
     with pytest.raises(ValueError, match="return_entropy is not available"):
         model(idx, caches=model.new_caches(), return_entropy=True)
+
+
+def test_short_convolution_is_causal_and_continues_across_calls():
+    from transformer_comparison.model import ShortConv
+
+    torch.manual_seed(0)
+    conv = ShortConv(6, 4)
+    x = torch.randn(2, 10, 6)
+    y, tail = conv(x)
+    changed = x.clone()
+    changed[:, 6] += 1.0
+    y_changed, _ = conv(changed)
+    torch.testing.assert_close(y[:, :6], y_changed[:, :6], rtol=0, atol=0)  # no output sees a later input
+    assert (y[:, 6:] - y_changed[:, 6:]).abs().amax(-1).min() > 0  # ... and x_6 reaches y_6 .. y_9 (width 4)
+    first, first_tail = conv(x[:, :3])
+    rest, rest_tail = conv(x[:, 3:], first_tail)
+    torch.testing.assert_close(torch.cat([first, rest], 1), y)
+    torch.testing.assert_close(rest_tail, tail)
+    torch.testing.assert_close(tail, x[:, -3:])
+    by_hand = torch.nn.functional.silu(sum(conv.conv.weight[:, 0, 3 - i] * x[:, 5 - i] for i in range(4)))
+    torch.testing.assert_close(y[:, 5], by_hand)
+
+
+def test_short_convolution_off_by_default_changes_nothing():
+    plain, off = small_gpt("linear"), small_gpt("linear", short_conv=0)
+    assert plain.state_dict().keys() == off.state_dict().keys()
+    with_conv = small_gpt("linear", short_conv=4)
+    extra = set(with_conv.state_dict()) - set(plain.state_dict())
+    assert extra == {f"blocks.{i}.attn.short_conv.conv.weight" for i in range(2)}
+    assert with_conv.num_parameters() - plain.num_parameters() == 2 * 4 * plain.blocks[0].attn.qkv.out_features

@@ -45,6 +45,7 @@ class ModelConfig(_Section):
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     bias: bool = False
     mlp_ratio: float = Field(4.0, gt=0.0)  # MLP hidden width = round(mlp_ratio * d_model)
+    short_conv: int = Field(0, ge=0)  # causal depthwise conv of this width over q, k, v (0: none; >= 2)
 
 
 def _registry_section(name: str, doc: str, names: tuple[str, ...], options: dict[str, type[BaseModel]],
@@ -174,6 +175,8 @@ def _consistency_problem(cfg: Config) -> str | None:
     heads = m.num_heads
     if m.d_model % heads:
         return f"model.d_model={m.d_model} is not divisible by model.num_heads={heads}"
+    if m.short_conv == 1:
+        return "model.short_conv=1 is a per-channel scale, not a convolution; use 0 (none) or a width >= 2 (e.g. 4)"
     head_dim = m.d_model // heads
     encoding = position_class(cfg.position.type)
     if encoding.needs_even_head_dim and head_dim % 2:

@@ -8,6 +8,13 @@ registry: what it adds to the embeddings (sinusoidal) and what it hands to every
 projections of the layer input besides q, k and v (gates, decays) declares them
 (`AttentionKernel.layer_inputs`); the layer owns that module and passes its outputs to the kernel.
 
+`model.short_conv=K` (0: off) adds a causal depthwise convolution of width K over time to the q, k
+and v projections, followed by SiLU, before the mechanism (the short convolution of H3, Based,
+Mamba and flash-linear-attention's DeltaNet / GLA layers): it lets a token's key and value mix in
+its K - 1 predecessors, which a fixed-state mechanism needs to bind a key to the value next to it
+(associative recall); softmax attention can learn that from positions. Decoding keeps the last
+K - 1 projections per layer beside the kernel's cache (`LayerCache`).
+
 Decoding: `caches = model.new_caches()` (one per layer, from the kernel), then
 `model(idx, caches=caches)` with the prompt, then with one token at a time; each call sees
 everything the caches have seen, at absolute positions (docs/decoding.md).
@@ -45,6 +52,7 @@ class GPTConfig:
     position_embedding: str = field(default_factory=lambda: position_names()[0])
     position_options: dict[str, Any] = field(default_factory=dict)
     mlp_ratio: float = 4.0
+    short_conv: int = 0  # width of the causal depthwise convolution over q, k, v; 0: none
 
     @property
     def mlp_width(self) -> int:
@@ -59,11 +67,53 @@ class GPTConfig:
         return self.num_kv_heads or self.num_heads
 
 
+class ShortConv(nn.Module):
+    """y_t = SiLU(sum_{i < K} w_i * x_{t - i}) per channel: causal, depthwise, width K, no bias.
+
+    forward(x, tail) takes x (batch, n, channels) and the K - 1 inputs before it (None: the sequence
+    starts here, zeros before it) and returns y and the new tail, the last K - 1 inputs seen.
+    """
+
+    def __init__(self, channels: int, width: int) -> None:
+        super().__init__()
+        self.width = width
+        self.conv = nn.Conv1d(channels, channels, width, groups=channels, bias=False)
+
+    def forward(self, x: Tensor, tail: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        if tail is None:
+            tail = x.new_zeros(x.shape[0], self.width - 1, x.shape[2])
+        padded = torch.cat([tail, x], dim=1)
+        y = self.conv(padded.transpose(1, 2)).transpose(1, 2)
+        return F.silu(y), padded[:, padded.shape[1] - (self.width - 1) :]
+
+
+class LayerCache(DecodeCache):
+    """One layer's decoding memory with a short convolution: the kernel's cache and the last K - 1
+    q, k, v projections the convolution reads."""
+
+    def __init__(self, kernel_cache: DecodeCache) -> None:
+        self.kernel_cache = kernel_cache
+        self.conv_tail: Tensor | None = None
+
+    @property
+    def position(self) -> int:
+        return self.kernel_cache.position
+
+    def tensors(self) -> list[Tensor]:
+        return self.kernel_cache.tensors() + ([] if self.conv_tail is None else [self.conv_tail])
+
+    @property
+    def allocated_bytes(self) -> int:
+        return self.kernel_cache.allocated_bytes + (0 if self.conv_tail is None else self.conv_tail.nbytes)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         self.num_heads, self.kv_heads, self.head_dim = config.num_heads, config.kv_heads, config.head_dim
         self.qkv = nn.Linear(config.d_model, (config.num_heads + 2 * config.kv_heads) * config.head_dim, bias=config.bias)
+        qkv_width = (config.num_heads + 2 * config.kv_heads) * config.head_dim
+        self.short_conv = ShortConv(qkv_width, config.short_conv) if config.short_conv else None
         self.proj = nn.Linear(config.d_model, config.d_model, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
         self.kernel = build_attention(config.attention_type, **config.attention_options)
@@ -73,10 +123,16 @@ class CausalSelfAttention(nn.Module):
         self.rope = positions.rope
         self.register_buffer("alibi_slopes", positions.alibi_slopes, persistent=False)
 
-    def split_heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def split_heads(self, x: Tensor, cache: DecodeCache | None = None) -> tuple[Tensor, Tensor, Tensor]:
         batch, n, _ = x.shape
         q_size, kv_size = self.num_heads * self.head_dim, self.kv_heads * self.head_dim
-        q, k, v = self.qkv(x).split((q_size, kv_size, kv_size), dim=-1)
+        qkv = self.qkv(x)
+        if self.short_conv is not None:
+            tail = cache.conv_tail if isinstance(cache, LayerCache) else None
+            qkv, new_tail = self.short_conv(qkv, tail)
+            if isinstance(cache, LayerCache):
+                cache.conv_tail = new_tail.detach()
+        q, k, v = qkv.split((q_size, kv_size, kv_size), dim=-1)
         q = q.view(batch, n, self.num_heads, self.head_dim).transpose(1, 2)
         k = k.view(batch, n, self.kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(batch, n, self.kv_heads, self.head_dim).transpose(1, 2)
@@ -89,10 +145,11 @@ class CausalSelfAttention(nn.Module):
     def forward(
         self, x: Tensor, return_entropy: bool = False, cache: DecodeCache | None = None
     ) -> tuple[Tensor, Tensor | None]:
-        q, k, v = self.split_heads(x)
+        q, k, v = self.split_heads(x, cache)
         extra = self.layer_inputs(x) if self.layer_inputs is not None else {}
         if cache is not None:
-            y = self.kernel.decode(q, k, v, cache, alibi_slopes=self.alibi_slopes, rope=self.rope, **extra)
+            kernel_cache = cache.kernel_cache if isinstance(cache, LayerCache) else cache
+            y = self.kernel.decode(q, k, v, kernel_cache, alibi_slopes=self.alibi_slopes, rope=self.rope, **extra)
             return self.merge_heads(y), None
         result = self.kernel(
             q, k, v, causal=True, alibi_slopes=self.alibi_slopes, rope=self.rope, return_entropy=return_entropy, **extra
@@ -184,7 +241,8 @@ class GPT(nn.Module):
 
     def new_caches(self) -> list[DecodeCache]:
         """Empty decoding caches, one per layer, each of the kind its attention mechanism keeps."""
-        return [block.attn.kernel.new_cache() for block in self.blocks]
+        caches = [block.attn.kernel.new_cache() for block in self.blocks]
+        return [LayerCache(cache) for cache in caches] if self.config.short_conv else caches
 
     def forward(
         self, idx: Tensor, targets: Tensor | None = None, return_entropy: bool = False,
@@ -234,5 +292,6 @@ def build_model(cfg: Config, vocab_size: int) -> GPT:
             position_embedding=cfg.position.type,
             position_options=position_options_for(cfg),
             mlp_ratio=cfg.model.mlp_ratio,
+            short_conv=cfg.model.short_conv,
         )
     )
