@@ -18,12 +18,12 @@ from transformer_comparison.probe.results import (
 
 def make(attention="dot_product", position="rope", seq_len=64, pairs=4, d_model=32, lr=1e-3, seed=1, test_len=None,
          accuracy=0.5, steps=100, status="completed", state=1000, window=None, reach=None, reach_layers=None,
-         grows=None) -> ProbeRow:
+         grows=None, short_conv=0) -> ProbeRow:
     return ProbeRow(attention_type=attention, position_embedding=position, seq_len=seq_len, num_kv_pairs=pairs,
                     d_model=d_model, learning_rate=lr, seed=seed, test_seq_len=test_len or seq_len, accuracy=accuracy,
                     state_bytes=state, state_grows=grows, train_steps=steps, status=status, wall_seconds=1.0, window=window,
                     fraction_within_window=reach, fraction_within_layers=reach_layers, vocab_size=256, alpha=0.01, num_layers=2, num_heads=2, mlp=False,
-                    num_parameters=10, final_train_loss=1.0, data="generated")
+                    num_parameters=10, final_train_loss=1.0, data="generated", short_conv=short_conv)
 
 
 def test_best_learning_rate_is_chosen_by_the_mean_over_seeds():
@@ -83,3 +83,19 @@ def test_report_section_states_the_hardest_setting(tmp_path: Path):
     assert "local (window 32) scores rope 0.30; 38% of the queries have their value within one window, 76% within the 63" in text
     assert "From d_model 32 to 64, 1 of 3 cells gain" in text
     assert section.state_plot is None  # no plot beside this csv
+
+
+def test_cells_near_chance_are_named_with_the_missing_token_mixer(tmp_path: Path):
+    def section_for(short_conv: int) -> str:
+        rows = [make("dot_product", pairs=16, d_model=64, accuracy=0.99, grows=True, short_conv=short_conv),
+                make("linear", pairs=16, d_model=64, accuracy=0.09, grows=False, short_conv=short_conv),  # 1.5 / 16 = 0.094
+                make("deltanet", pairs=16, d_model=64, accuracy=0.2, grows=False, short_conv=short_conv)]
+        path = tmp_path / f"mqar-{short_conv}.csv"
+        write_rows(path, merge_rows([], rows))
+        return report_section(path).statement
+
+    plain = section_for(0)
+    assert "linear+rope stay near 1/D = 0.06" in plain and "deltanet+rope stay" not in plain
+    assert "model.short_conv=4" in plain
+    convolved = section_for(4)
+    assert "linear+rope stay near 1/D" in convolved and "model.short_conv=4" not in convolved

@@ -24,6 +24,7 @@ from transformer_comparison.probe.plots import D_MODEL_PLOT, LENGTH_PLOT, STATE_
 from transformer_comparison.probe.results import ProbeRow, best_cells, read_rows
 
 RECALLS = 0.99  # "recalls": the early-stopping bar
+CHANCE_MULTIPLE = 1.5  # "near chance": accuracy at most 1.5 / D, not much above picking any of the D values
 
 
 @dataclass(frozen=True)
@@ -124,6 +125,14 @@ def statement(summary: pd.DataFrame, setting: tuple[int, int], raw: list[ProbeRo
         fixed = sorted(m for m, g in grows.items() if not g)
         sentences.append(f"Mechanisms whose decoding state grows with the sequence ({', '.join(growing)}) average "
                          f"{mean(growing):.2f} there; those with a fixed-size state ({', '.join(fixed)}) {mean(fixed):.2f}.")
+    near_chance = sorted(label(r) for r in top.itertuples() if r.accuracy <= CHANCE_MULTIPLE / pairs)
+    if near_chance:
+        convolved = any(row.short_conv for row in raw)
+        sentences.append(f"{_listed(near_chance)} stay near 1/D = {1 / pairs:.2f}, the accuracy of answering with any "
+                         "value of the context: they have not bound keys to the values next to them"
+                         + ("." if convolved else
+                            "; a fixed-state mechanism needs a token mixer for that, as the papers' models have "
+                            "(model.short_conv=4, docs/probe.md)."))
     windowed = top.dropna(subset=["window", "fraction_within_window"])
     for (mechanism, window), group in windowed.groupby(["attention_type", "window"], sort=False):
         first = group.iloc[0]

@@ -53,6 +53,7 @@ class ProbeRow(BaseModel):
     num_layers: int
     num_heads: int
     mlp: bool
+    short_conv: int = 0  # model.short_conv: width of the causal convolution over q, k, v (0: none)
     num_parameters: int | None
     final_train_loss: float | None
     data: str  # "generated" or the --data directory

@@ -194,6 +194,7 @@ def make_row(spec: RunSpec, test_seq_len: int, *, status: str, accuracy: float |
         fraction_within_layers=reach(stack, test_seq_len, spec.num_kv_pairs, settings.alpha) if reachable else None,
         vocab_size=vocab_size or settings.generated_vocab, alpha=settings.alpha if generated else None,
         num_layers=spec.num_layers, num_heads=spec.num_heads, mlp=settings.mlp,
+        short_conv=int((spec.config_data or {}).get("model", {}).get("short_conv", 0)),
         num_parameters=num_parameters, final_train_loss=final_train_loss,
         data="generated" if generated else str(settings.data_dir), note=note,
     )
