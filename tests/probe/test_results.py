@@ -89,7 +89,8 @@ def test_cells_near_chance_are_named_with_the_missing_token_mixer(tmp_path: Path
     def section_for(short_conv: int) -> str:
         rows = [make("dot_product", pairs=16, d_model=64, accuracy=0.99, grows=True, short_conv=short_conv),
                 make("linear", pairs=16, d_model=64, accuracy=0.09, grows=False, short_conv=short_conv),  # 1.5 / 16 = 0.094
-                make("deltanet", pairs=16, d_model=64, accuracy=0.2, grows=False, short_conv=short_conv)]
+                make("deltanet", pairs=16, d_model=64, accuracy=0.2, grows=False, short_conv=short_conv),
+                make("gla", pairs=16, d_model=64, accuracy=0.987, grows=False, short_conv=short_conv)]
         path = tmp_path / f"mqar-{short_conv}.csv"
         write_rows(path, merge_rows([], rows))
         return report_section(path).statement
@@ -97,5 +98,6 @@ def test_cells_near_chance_are_named_with_the_missing_token_mixer(tmp_path: Path
     plain = section_for(0)
     assert "linear+rope stay near 1/D = 0.06" in plain and "deltanet+rope stay" not in plain
     assert "model.short_conv=4" in plain
+    assert "linear+rope 0.09, deltanet+rope 0.20, gla+rope 0.987 fall short" in plain  # 0.987 is not shown as 0.99
     convolved = section_for(4)
     assert "linear+rope stay near 1/D" in convolved and "model.short_conv=4" not in convolved

@@ -74,6 +74,11 @@ def _listed(items: list[str], limit: int = 10) -> str:
     return shown if len(items) <= limit else f"{shown} and {len(items) - limit} more"
 
 
+def _short_of(accuracy: float) -> str:
+    """An accuracy below RECALLS, with the third decimal when two would round it up to RECALLS."""
+    return f"{accuracy:.3f}" if round(accuracy, 2) >= RECALLS else f"{accuracy:.2f}"
+
+
 def hardest_setting(summary: pd.DataFrame) -> tuple[int, int]:
     """(L, D) with the most key-value pairs, then the longest length."""
     settings = sorted(set(zip(summary["num_kv_pairs"], summary["seq_len"])))
@@ -117,7 +122,7 @@ def statement(summary: pd.DataFrame, setting: tuple[int, int], raw: list[ProbeRo
                  f"key-value pairs, d_model = {widest}, each cell at its best learning rate): "
                  + (f"{_listed(recall)} recall{'s' if len(recall) == 1 else ''} (accuracy >= {RECALLS})" if recall
                     else f"no cell reaches accuracy {RECALLS}")
-                 + ("; " + _listed([f"{name} {acc:.2f}" for acc, name in short]) + " fall short." if short else ".")]
+                 + ("; " + _listed([f"{name} {_short_of(acc)}" for acc, name in short]) + " fall short." if short else ".")]
     grows = growth_of_state(at_length)
     if grows and len(set(grows.values())) == 2:
         mean = lambda names: top[top["attention_type"].isin(names)]["accuracy"].mean()  # noqa: E731
