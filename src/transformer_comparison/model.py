@@ -72,7 +72,7 @@ class ShortConv(nn.Module):
 
     forward(x, tail) takes x (batch, n, channels) and the K - 1 inputs before it (None: the sequence
     starts here, zeros before it) and returns y and the new tail, the last K - 1 inputs seen.
-    The weights keep torch's Conv1d initialisation, uniform in +-1/sqrt(K), as flash-linear-attention's.
+    The weights keep torch's Conv1d initialisation, uniform in +-1/sqrt(K).
     """
 
     def __init__(self, channels: int, width: int) -> None:
