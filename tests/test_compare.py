@@ -285,3 +285,21 @@ def alive(pid: int) -> bool:
     except OSError:
         return False
     return state != "Z"
+
+
+def test_a_stop_request_in_the_run_directory_interrupts_the_waited_child(tmp_path):
+    """Ctrl-C of a Ray grid also leaves a stop file, which the task watches: SIGINT reaches the trainer
+    even when Ray's cancel does not reach the task."""
+    import signal as signals
+    import subprocess
+    import sys
+    import threading
+
+    from transformer_comparison.compare.cells import STOP_FILE, request_stop, wait_interruptibly
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    threading.Timer(0.3, request_stop, args=(tmp_path,)).start()
+    started = time.monotonic()
+    assert wait_interruptibly(child, tmp_path / STOP_FILE) == -signals.SIGINT
+    assert time.monotonic() - started < 10
+    request_stop(tmp_path / "not-there")  # a cell whose directory does not exist yet: nothing to do, no error

@@ -34,6 +34,7 @@ from transformer_comparison.run_lock import die_with_parent
 Action = Literal["skip", "resume", "fresh"]
 INTERRUPTED_CODES = (130, 143, -signal.SIGINT, -signal.SIGTERM)
 WAIT_SLICE_SECONDS = 0.5
+STOP_FILE = "stop-requested"  # in a run directory: the driver asks the cell's task to stop its trainer
 
 
 @dataclass
@@ -108,14 +109,32 @@ def prepare_child(death_signal: int) -> None:
     die_with_parent(death_signal)
 
 
-def wait_interruptibly(process: subprocess.Popen) -> int:
+def request_stop(run_dir: Path) -> None:
+    """Ask the task training `run_dir` to stop its trainer (Ctrl-C of a Ray comparison): a file in the
+    run directory, which the task looks for while it waits. Ray's cancel alone was seen not to reach
+    a running task (the trainer went on for minutes), while the shared directory always does."""
+    try:
+        (run_dir / STOP_FILE).touch()
+    except OSError:
+        pass  # the directory is not there yet: the task has not started and Ray's cancel drops it
+
+
+def clear_stop(run_dir: Path) -> None:
+    (run_dir / STOP_FILE).unlink(missing_ok=True)
+
+
+def wait_interruptibly(process: subprocess.Popen, stop_file: Path | None = None) -> int:
     """The child's exit code, waiting in short slices: Ray cancels a task by raising KeyboardInterrupt
-    in its thread, which only happens between Python bytecodes, never inside one long wait()."""
+    in its thread, which only happens between Python bytecodes, never inside one long wait(); and
+    once `stop_file` appears the child gets SIGINT (it checkpoints and stops)."""
+    signalled = False
     while True:
         try:
             return process.wait(timeout=WAIT_SLICE_SECONDS)
         except subprocess.TimeoutExpired:
-            continue
+            if stop_file is not None and not signalled and stop_file.exists():
+                process.send_signal(signal.SIGINT)
+                signalled = True
 
 
 def check_shared_directory(job: CellJob) -> None:
@@ -153,6 +172,13 @@ def execute(job: CellJob, env: dict[str, str], on_start: Callable[[subprocess.Po
         write_cell_record(run_dir, record)
         return record
     run_dir.mkdir(parents=True, exist_ok=True)
+    stop_file = run_dir / STOP_FILE
+    if stop_file.exists():  # the comparison was stopped before this task began: start nothing
+        clear_stop(run_dir)
+        record = _record(job, "interrupted", "stopped before it started; run the same command again to resume",
+                         130, action, 0.0, previous, "")
+        write_cell_record(run_dir, record)
+        return record
     args = job.resume_args if action == "resume" else job.fresh_args
     command = [sys.executable, "-m", "transformer_comparison", *args]
     log_path = run_dir / "train.log"
@@ -167,10 +193,11 @@ def execute(job: CellJob, env: dict[str, str], on_start: Callable[[subprocess.Po
         if on_start is not None:
             on_start(process)
         try:
-            returncode = wait_interruptibly(process)
+            returncode = wait_interruptibly(process, stop_file)
         except KeyboardInterrupt:  # Ray's cancel (or Ctrl-C in this process): the trainer checkpoints and stops
             process.send_signal(signal.SIGINT)
             returncode = process.wait()
+    clear_stop(run_dir)
     status, error = outcome(job, returncode, log_path, offset)
     record = _record(job, status, error, returncode, action, time.perf_counter() - started, previous, shlex.join(command))
     write_cell_record(run_dir, record)

@@ -12,7 +12,8 @@ trainers, which checkpoint and stop; queued cells never start.
 
 ray: one Ray task per cell with declared resources (--cpus_per_cell, --gpus_per_cell), on a local
 Ray instance or the cluster at --ray_address. A worker that dies mid-cell is retried (max_retries)
-and the retry resumes the run from its last checkpoint; Ctrl-C cancels the tasks, whose trainers
+and the retry resumes the run from its last checkpoint; Ctrl-C cancels the tasks and leaves a stop
+request in each running cell's directory (`cells.request_stop`, in case the cancel is lost), whose trainers
 checkpoint and stop. Run directories are written straight into the comparison directory, which on
 a cluster must be a filesystem every node mounts at the same path (the task checks it).
 """
@@ -29,7 +30,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from transformer_comparison.artifacts.comparison import CellRecord, write_cell_record
-from transformer_comparison.compare.cells import CellJob, child_environment, execute, read_record_or_none
+from transformer_comparison.compare.cells import CellJob, child_environment, clear_stop, execute, read_record_or_none, request_stop
 from transformer_comparison.errors import UserError
 
 Done = Callable[[CellJob, CellRecord], None]
@@ -73,6 +74,13 @@ def failed_record(job: CellJob, error: str) -> CellRecord:
     return record
 
 
+def clear_stale_stops(jobs: list[CellJob]) -> None:
+    """Remove stop requests (`cells.request_stop`) left by an earlier, interrupted run of the grid."""
+    for job in jobs:
+        if job.run_dir.is_dir():
+            clear_stop(job.run_dir)
+
+
 def _one_line(error: BaseException) -> str:
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     return f"{type(error).__name__}: {lines[-1] if lines else ''}" if not isinstance(error, UserError) else lines[0]
@@ -93,6 +101,7 @@ class LocalExecutor:
         return f"local executor, {self.jobs} at a time"
 
     def run(self, jobs: list[CellJob], done: Done, stop: StopFlag) -> None:
+        clear_stale_stops(jobs)
         free: queue.Queue[str | None] = queue.Queue()
         for device in (self.devices * self.jobs)[: self.jobs]:
             free.put(device)
@@ -191,6 +200,7 @@ class RayExecutor:
         resources = {"num_cpus": self.cpus_per_cell, "num_gpus": self.gpus_per_cell, "max_retries": self.max_retries,
                      "retry_exceptions": False}
         waiting, refs, cancelled = list(jobs), {}, False
+        clear_stale_stops(jobs)
         try:
             while waiting or refs:
                 limit = self.max_in_flight or len(jobs)
@@ -199,7 +209,8 @@ class RayExecutor:
                     refs[task.options(name=job.name, **resources).remote(job, self.cpus_per_cell)] = job
                 if stop.signum is not None and not cancelled:
                     waiting.clear()
-                    for ref in refs:
+                    for ref, job in refs.items():
+                        request_stop(job.run_dir)  # the task sees it within half a second, even if the cancel is lost
                         ray.cancel(ref)  # a KeyboardInterrupt in the task: its trainer checkpoints and stops
                     cancelled = True
                 if not refs:
