@@ -36,3 +36,17 @@ def test_entropy_of_a_uniform_distribution_is_log_of_the_visible_count():
     torch.testing.assert_close(entropy[0, 0], torch.log(torch.arange(1, 6, dtype=torch.float64)))
     _, entropy = build_attention("dot_product")(q, k, v, causal=False, return_entropy=True)
     torch.testing.assert_close(entropy[0, 0], torch.full((5,), math.log(5), dtype=torch.float64))
+
+
+def test_the_causal_bias_is_kept_for_training_shapes_only():
+    from transformer_comparison.attention.bias import CACHED_BIAS_ELEMENTS, clear_bias_cache, end_aligned_causal_bias
+
+    clear_bias_cache()
+    cpu = torch.device("cpu")
+    small = end_aligned_causal_bias(64, 64, cpu, torch.float32)
+    assert end_aligned_causal_bias(64, 64, cpu, torch.float32) is small  # built once
+    assert small[0, 1] == float("-inf") and small[1, 0] == 0 and small[1, 1] == 0
+    side = int(CACHED_BIAS_ELEMENTS**0.5) + 1
+    assert end_aligned_causal_bias(1, side * side, cpu, torch.float32) is not end_aligned_causal_bias(1, side * side, cpu, torch.float32)
+    clear_bias_cache()
+    assert end_aligned_causal_bias(64, 64, cpu, torch.float32) is not small

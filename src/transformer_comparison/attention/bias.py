@@ -45,10 +45,27 @@ def hidden_keys(offset: Tensor, *, causal: bool, window: int | None = None) -> T
     return hidden
 
 
-@functools.lru_cache(maxsize=32)
+CACHED_BIAS_ELEMENTS = 2**20  # biases up to 1024 x 1024 are kept (4 MiB each in float32); longer ones are not
+
+
 def end_aligned_causal_bias(nq: int, nk: int, device: torch.device, dtype: torch.dtype) -> Tensor:
-    """The causal bias (nq, nk) of end-aligned queries without slopes (0 visible, -inf hidden), built
-    once per shape: a training step would otherwise rebuild the same small tensor in every layer.
+    """The causal bias (nq, nk) of end-aligned queries without slopes (0 visible, -inf hidden). For
+    training-sized shapes it is built once and kept (a step would otherwise rebuild the same small
+    tensor in every layer); a long evaluation's bias is built afresh so that no cache holds it.
     Shared and read-only: add it, never write into it."""
+    if nq * nk <= CACHED_BIAS_ELEMENTS:
+        return _cached_causal_bias(nq, nk, device, dtype)
+    return _causal_bias(nq, nk, device, dtype)
+
+
+def _causal_bias(nq: int, nk: int, device: torch.device, dtype: torch.dtype) -> Tensor:
     k_positions = torch.arange(nk, device=device)
     return position_bias(offsets(k_positions[nk - nq :], k_positions), causal=True, dtype=dtype)
+
+
+_cached_causal_bias = functools.lru_cache(maxsize=8)(_causal_bias)
+
+
+def clear_bias_cache() -> None:
+    """Forget the kept biases (the kernel benchmark measures each case's memory from a cold start)."""
+    _cached_causal_bias.cache_clear()

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from transformer_comparison.attention import build_attention
-from transformer_comparison.attention.bias import offsets, position_bias
+from transformer_comparison.attention.bias import clear_bias_cache, offsets, position_bias
 from transformer_comparison.bench.common import child_main
 from transformer_comparison.numerics import flush_subnormals
 from transformer_comparison.position import build_position
@@ -105,6 +105,7 @@ def measure_case(case: dict[str, Any]) -> dict[str, Any]:
 
     torch.set_num_threads(case["threads"])
     flush_subnormals()
+    clear_bias_cache()  # as in a fresh process: the case's own bias counts in its memory
     device = torch.device(case["device"])
     name = case["mechanism"]
     attn = reference_sdpa if name == REFERENCE else build_attention(name, **case["options"])
