@@ -303,3 +303,12 @@ def test_a_stop_request_in_the_run_directory_interrupts_the_waited_child(tmp_pat
     assert wait_interruptibly(child, tmp_path / STOP_FILE) == -signals.SIGINT
     assert time.monotonic() - started < 10
     request_stop(tmp_path / "not-there")  # a cell whose directory does not exist yet: nothing to do, no error
+
+
+def test_a_config_key_added_to_the_program_later_does_not_make_a_comparison_different():
+    from transformer_comparison.compare.command import config_differences
+
+    old = {"model": {"d_model": 64}, "training": {"learning_rate": 1e-3}}
+    assert config_differences(old, {"model": {"d_model": 64, "short_conv": 0}, "training": {"learning_rate": 1e-3}}) == ""
+    assert "model.d_model 64 -> 32" in config_differences(old, {"model": {"d_model": 32, "short_conv": 0},
+                                                                 "training": {"learning_rate": 1e-3}})

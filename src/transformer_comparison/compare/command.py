@@ -108,8 +108,10 @@ def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def config_differences(old: dict[str, Any], new: dict[str, Any], limit: int = 3) -> str:
+    """The keys whose values differ ("" when none). A key the stored config lacks was added to the
+    program later, at a default that keeps the old behaviour: not a difference (as for checkpoints)."""
     a, b = _flatten(old), _flatten(new)
-    keys = [key for key in sorted(set(a) | set(b)) if a.get(key) != b.get(key) and key not in ("attention.type", "position.type")]
+    keys = [key for key in sorted(a) if a.get(key) != b.get(key) and key not in ("attention.type", "position.type")]
     shown = ", ".join(f"{key} {a.get(key)!r} -> {b.get(key)!r}" for key in keys[:limit])
     return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
 
@@ -139,9 +141,9 @@ def check_output_dir(plan: Plan) -> Comparison | None:
         existing = read_comparison(out)
     except UserError as error:
         raise UserError(f"{error}; choose another --out") from None
-    if existing.config_hash != plan.config_hash:
-        changed = config_differences(existing.config, plan.config.model_dump(mode="json"))
-        raise UserError(f"--out {out} holds a different comparison (its config differs: {changed or 'unknown keys'}); "
+    changed = config_differences(existing.config, plan.config.model_dump(mode="json"))
+    if existing.config_hash != plan.config_hash and changed:
+        raise UserError(f"--out {out} holds a different comparison (its config differs: {changed}); "
                         "use another --out, or the same config and overrides to resume it")
     if existing.grid != plan.grid():
         raise UserError(f"--out {out} holds a different comparison (its grid differs: {grid_differences(existing.grid, plan.grid())}); "
