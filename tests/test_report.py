@@ -132,6 +132,24 @@ def test_learning_rate_chosen_per_cell(tmp_path):
     assert "own best learning rate" in md
     assert len(table_lines(section(md, "Every swept setting"))) == 1 + 6
     assert (out / "plots" / "learning_rate.png").is_file()
+    # both cells' best rates are at an end of the sweep: the report says their optimum may lie beyond
+    edge = next(line for line in section(md, "Ranking by validation loss").splitlines() if line.startswith("At the edge"))
+    assert "dot_product + rope at 0.001, the smallest rate swept; linear + rope at 0.004, the largest rate swept" in edge
+
+
+def test_a_cell_with_no_completed_rate_is_not_in_the_ranking(tmp_path):
+    out = tmp_path / "cmp"
+    make_comparison(out, ["dot_product", "linear"], ["rope"], seeds=1, sweep={"training.learning_rate": [5e-4, 1e-3, 2e-3]},
+                    loss=lr_loss)
+    for run in (out / "runs").iterdir():
+        if run.name.startswith("linear"):
+            for path in run.iterdir():
+                path.unlink()
+    md = report.build_report(out)[0].read_text()
+    swept = [line.split(" | ") for line in table_lines(section(md, "Every swept setting"))[1:]]
+    marked = {(cells[0].strip("| "), cells[2]) for cells in swept if cells[-1].strip(" |") == "yes"}
+    assert marked == {("dot_product", "0.001")}
+    assert "At the edge" not in md  # dot_product's best rate is inside its sweep, and linear has none
 
 
 def test_overlapping_intervals_are_grouped(tmp_path):

@@ -62,6 +62,9 @@ def report_blocks(out: Path) -> tuple[str, list[Block]]:
     blocks.append(Heading("Ranking by validation loss"))
     ranking, notes = sections.ranking(headline, keys, seeds, lr_swept)
     blocks += [*notes[:1], ranking, *notes[1:]] if ranking.rows else [Para("No run has completed yet.")]
+    edge = sections.sweep_edge_note(headline, cells, keys) if lr_swept else None
+    if edge is not None:
+        blocks.append(edge)
     adjusted = sections.adjustments_note(rows)
     if adjusted:
         blocks.append(adjusted)

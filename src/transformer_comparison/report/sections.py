@@ -209,6 +209,33 @@ def ranking_notes(cells: list[dict[str, Any]], groups: list[int], flags: dict[in
     return blocks
 
 
+def sweep_edge_note(headline: list[dict[str, Any]], cells: list[dict[str, Any]], keys: list[str]) -> Para | None:
+    """The ranked cells whose best learning rate is the smallest or the largest one swept: their
+    optimum may lie outside the sweep, so the ranking may understate them."""
+    others = [k for k in keys if k != LEARNING_RATE_KEY]
+
+    def identity(cell: dict[str, Any]) -> tuple:
+        return (cell["attention_type"], cell["position_embedding"], *(fmt_value(cell.get(k)) for k in others))
+
+    swept: dict[tuple, list[float]] = {}
+    for cell in cells:
+        if finite(cell.get(LEARNING_RATE_KEY)):
+            swept.setdefault(identity(cell), []).append(cell[LEARNING_RATE_KEY])
+    edges = []
+    for cell in headline:
+        rates, best = swept.get(identity(cell), []), cell.get(LEARNING_RATE_KEY)
+        if len(set(rates)) < 2 or not finite(cell.get("final_val_loss_mean")) or not finite(best):
+            continue
+        if best in (min(rates), max(rates)):
+            side = "smallest" if best == min(rates) else "largest"
+            edges.append(f"{cell_label(cell, others)} at {fmt_value(best)}, the {side} rate swept")
+    if not edges:
+        return None
+    return Para("At the edge of the learning-rate sweep: " + "; ".join(edges) + ". The best rate of these cells may lie "
+                "outside the swept range, so their loss may be understated; extend `--sweep training.learning_rate` past "
+                "it to be sure.")
+
+
 def adjustments_note(rows: list[ResultRow]) -> Para | None:
     """What --match params (or a FLOP budget) changed, per mechanism x encoding."""
     changed = {f"{r.attention_type} + {r.position_embedding}": r.adjustments for r in rows if r.adjustments}
@@ -232,7 +259,8 @@ def sweep_table(cells: list[dict[str, Any]], keys: list[str], chosen: set[int], 
             low, high = cell.get("final_val_loss_ci_low"), cell.get("final_val_loss_ci_high")
             row.append(f"{low:.4f} – {high:.4f}" if finite(low) and finite(high) else "—")
         row += [fmt(cell.get("non_embedding_parameters_mean"), ",.0f"), fmt_flops(cell.get("training_flops_mean")),
-                f"{cell['completed']}/{cell['seeds']}", "yes" if index in chosen else ""]
+                f"{cell['completed']}/{cell['seeds']}",
+                "yes" if index in chosen and finite(cell.get("final_val_loss_mean")) else ""]
         rows.append(row)
     return Table(headers, rows)
 
