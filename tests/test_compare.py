@@ -143,6 +143,27 @@ def test_resume_skips_completed_and_finishes_the_rest(tiny_comparison, tiny_conf
     assert all(r["status"] == "completed" for r in read_rows(out))
 
 
+def test_a_grown_grid_keeps_its_finished_runs_and_trains_the_new_ones(tiny_comparison, tiny_config, tmp_path, capsys):
+    out = tmp_path / "grid"
+    shutil.copytree(tiny_comparison, out)
+    untouched = {name: snapshot(out / "runs" / name) for name in NAMES}
+    grown = [*GRID[:-1], "training.learning_rate=1e-3,3e-3,1e-2"]
+    assert main(compare_args(tiny_config, out, *grown)) == 0
+    printed = capsys.readouterr().out
+    assert "the grid grows (sweep training.learning_rate=0.001,0.003 -> training.learning_rate=0.001,0.003,0.01)" in printed
+    assert "4 completed earlier, 0 to resume, 2 to train" in printed
+    for name, files in untouched.items():
+        assert snapshot(out / "runs" / name) == files
+    rows = read_rows(out)
+    assert sorted(r["training.learning_rate"] for r in rows) == ["0.001", "0.001", "0.003", "0.003", "0.01", "0.01"]
+    assert all(r["status"] == "completed" for r in rows)
+    assert json.loads((out / "comparison.json").read_text())["grid"]["sweep"] == {"training.learning_rate": [1e-3, 3e-3, 1e-2]}
+    # shrinking is not growing: a grid without gqa would orphan its runs
+    assert main(compare_args(tiny_config, out, "--attention_types", "dot_product", *grown[2:])) == 2
+    err = capsys.readouterr().err.strip()
+    assert "different comparison" in err and "attention_types dot_product,gqa -> dot_product" in err and "may grow" in err
+
+
 def test_failing_cell_does_not_stop_the_others(tiny_config, tmp_path, capsys):
     out = tmp_path / "cmp"
     argv = compare_args(tiny_config, out, "--attention_types", "dot_product", "--position_embeddings", "rope,alibi")
@@ -224,7 +245,7 @@ def test_foreign_output_directories(tiny_config, tmp_path, capsys):
     plan = make_plan(build_parser().parse_args(argv))
     prepare_output_dir(plan, None, "test")
     before = sorted(p.name for p in out.rglob("*"))
-    for changed, reason in ((["training.max_steps=7"], "training.max_steps 6 -> 7"), (["--seeds", "2"], "grid")):
+    for changed, reason in ((["training.max_steps=7"], "training.max_steps 6 -> 7"), (["--position_embeddings", "rope"], "grid")):
         assert main(argv + changed) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "different comparison" in err[0] and reason in err[0], err

@@ -126,6 +126,16 @@ def grid_differences(old: Grid, new: Grid) -> str:
     return "; ".join(f"{key} {text(a[key])} -> {text(b[key])}" for key in b if a[key] != b[key])
 
 
+def grid_grows(old: Grid, new: Grid) -> bool:
+    """Whether `new` keeps every run of `old` under the same name: the same swept keys, base seed and
+    --match, and each list (mechanisms, encodings, every sweep's values) and the seed count only grown."""
+    if (old.base_seed, old.match, set(old.sweep)) != (new.base_seed, new.match, set(new.sweep)) or new.seeds < old.seeds:
+        return False
+    lists = [(old.attention_types, new.attention_types), (old.position_embeddings, new.position_embeddings)]
+    lists += [(values, new.sweep[key]) for key, values in old.sweep.items()]
+    return all(set(before) <= set(after) for before, after in lists)
+
+
 def check_output_dir(plan: Plan) -> Comparison | None:
     """The comparison already in plan.out (None: none); refuses a directory holding anything else."""
     out = plan.out
@@ -146,8 +156,11 @@ def check_output_dir(plan: Plan) -> Comparison | None:
         raise UserError(f"--out {out} holds a different comparison (its config differs: {changed}); "
                         "use another --out, or the same config and overrides to resume it")
     if existing.grid != plan.grid():
-        raise UserError(f"--out {out} holds a different comparison (its grid differs: {grid_differences(existing.grid, plan.grid())}); "
-                        "use another --out, or the same --attention_types/--position_embeddings/--sweep/--seeds to resume it")
+        if not grid_grows(existing.grid, plan.grid()):
+            raise UserError(f"--out {out} holds a different comparison (its grid differs: {grid_differences(existing.grid, plan.grid())}); "
+                            "use another --out, or the same --attention_types/--position_embeddings/--sweep/--seeds to resume it "
+                            "(a grid may grow: more mechanisms, encodings, sweep values or seeds)")
+        print(f"--out {out}: the grid grows ({grid_differences(existing.grid, plan.grid())}); its finished runs are kept", flush=True)
     return existing
 
 

@@ -232,8 +232,8 @@ def sweep_edge_note(headline: list[dict[str, Any]], cells: list[dict[str, Any]],
     if not edges:
         return None
     return Para("At the edge of the learning-rate sweep: " + "; ".join(edges) + ". The best rate of these cells may lie "
-                "outside the swept range, so their loss may be understated; extend `--sweep training.learning_rate` past "
-                "it to be sure.")
+                "outside the swept range, so their loss may be overstated; extend `--sweep training.learning_rate` past "
+                "it into the same --out to be sure (the grid grows: only the new runs train).")
 
 
 def adjustments_note(rows: list[ResultRow]) -> Para | None:
