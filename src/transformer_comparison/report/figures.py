@@ -191,7 +191,7 @@ def learning_rate_curves(cells: list[dict[str, Any]], key: str, styles: Styles, 
     mechanisms = [a for a in attention_types if any(c["attention_type"] == a and _finite(c.get("final_val_loss_mean")) for c in cells)]
     if not mechanisms:
         return None
-    from matplotlib.ticker import FuncFormatter
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
 
     cols = min(3, len(mechanisms))
     rows = math.ceil(len(mechanisms) / cols)
@@ -212,8 +212,10 @@ def learning_rate_curves(cells: list[dict[str, Any]], key: str, styles: Styles, 
                 best = min(points, key=lambda p: p[1])
                 ax.plot([best[0]], [best[1]], marker="*", ms=11, color=styles.colour.get(mechanism), zorder=5)
         ax.set_xscale("log")
+        rates = sorted({c[key] for c in cells if c["attention_type"] == mechanism and _finite(c.get(key))})
+        ax.xaxis.set_major_locator(FixedLocator(rates))  # a tick at each swept rate, and no others
+        ax.xaxis.set_minor_locator(NullLocator())
         ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
-        ax.xaxis.set_minor_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
         ax.set_title(mechanism, fontsize=10)
         ax.set_xlabel(key.rsplit(".", 1)[-1].replace("_", " "))
         ax.set_ylabel("validation loss (nats/token)")
