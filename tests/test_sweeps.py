@@ -118,6 +118,13 @@ def test_flop_budget_gives_each_cell_its_steps(config):
     assert plan.cells[0].adjustments["training.max_steps"] != plan.cells[1].adjustments["training.max_steps"]
 
 
+def test_the_training_seed_override_is_the_base_seed(config):
+    plan = plan_for(config, "--attention_types", "local", "--position_embeddings", "rope", "--seeds", "2", "training.seed=1338")
+    assert [c.seed for c in plan.cells] == [1338, 1339] and plan.grid().base_seed == 1338
+    assert [c.name for c in plan.cells] == ["local-rope-seed1338", "local-rope-seed1339"]
+    assert plan.cells[1].overrides()[-1] == "training.seed=1339"  # each run's own seed is the last word
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--sweep", "training.nonsense=1,2"], "--sweep training.nonsense=1: unknown key training.nonsense"),
     (["--sweep", "training.learning_rate=fast,slow"], "--sweep training.learning_rate=fast"),

@@ -37,7 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, help="base YAML config for every cell (default: the built-in defaults)")
     parser.add_argument("--attention_types", type=comma_list, metavar="A,B,...", help="mechanisms to train (default: every registered one)")
     parser.add_argument("--position_embeddings", type=comma_list, metavar="X,Y,...", help="encodings to train (default: every registered one)")
-    parser.add_argument("--seeds", default="1", metavar="N", help="runs per cell, with training.seed = base seed + 0..N-1 (default 1)")
+    parser.add_argument("--seeds", default="1", metavar="N", help="runs per cell, with training.seed = base seed + 0..N-1, the base being the config's "
+                        "training.seed (the override training.seed=1338 starts there) (default 1)")
     parser.add_argument("--sweep", action="append", type=split_sweep, metavar="KEY=V1,V2,...",
                         help="another axis of the grid: a config key and its values (repeatable), e.g. "
                              "--sweep training.learning_rate=5e-4,1e-3,2e-3; a single value sets the key for every run")

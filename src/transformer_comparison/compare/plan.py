@@ -163,7 +163,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
     seeds = count(args.seeds, "--seeds")
     preset = get_preset(args.preset) if args.preset else None
     for key in _keys(args.overrides):
-        if key in GRID_KEYS:
+        if key in GRID_KEYS and key != "training.seed":  # training.seed=S is the base seed: --seeds N runs S .. S+N-1
             raise UserError(f"{key} is set per run by the grid; choose its values with {GRID_KEYS[key]}, not an override")
     specs = sweep_specs(args, preset)
     check_specs(specs)
