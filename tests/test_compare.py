@@ -318,11 +318,14 @@ def test_a_stop_request_in_the_run_directory_interrupts_the_waited_child(tmp_pat
 
     from transformer_comparison.compare.cells import STOP_FILE, request_stop, wait_interruptibly
 
-    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    child = subprocess.Popen([sys.executable, "-c", "import time; print('ready', flush=True); time.sleep(60)"],
+                             stdout=subprocess.PIPE, text=True)
+    assert child.stdout is not None and child.stdout.readline() == "ready\n"  # a SIGINT mid-startup is another test
     threading.Timer(0.3, request_stop, args=(tmp_path,)).start()
     started = time.monotonic()
     assert wait_interruptibly(child, tmp_path / STOP_FILE) == -signals.SIGINT
     assert time.monotonic() - started < 10
+    child.stdout.close()
     request_stop(tmp_path / "not-there")  # a cell whose directory does not exist yet: nothing to do, no error
 
 
