@@ -156,12 +156,14 @@ def check_output_dir(plan: Plan) -> Comparison | None:
     if existing.config_hash != plan.config_hash and changed:
         raise UserError(f"--out {out} holds a different comparison (its config differs: {changed}); "
                         "use another --out, or the same config and overrides to resume it")
-    if existing.grid != plan.grid():
-        if not grid_grows(existing.grid, plan.grid()):
-            raise UserError(f"--out {out} holds a different comparison (its grid differs: {grid_differences(existing.grid, plan.grid())}); "
+    grid = plan.grid()
+    if existing.grid != grid:
+        differences = grid_differences(existing.grid, grid)
+        if not grid_grows(existing.grid, grid):
+            raise UserError(f"--out {out} holds a different comparison (its grid differs: {differences}); "
                             "use another --out, or the same --attention_types/--position_embeddings/--sweep/--seeds to resume it "
                             "(a grid may grow: more mechanisms, encodings, sweep values or seeds)")
-        print(f"--out {out}: the grid grows ({grid_differences(existing.grid, plan.grid())}); its finished runs are kept", flush=True)
+        print(f"--out {out}: the grid grows ({differences}); its finished runs are kept", flush=True)
     return existing
 
 

@@ -56,6 +56,11 @@ def cell_estimate(cell: dict[str, Any]) -> Estimate | None:
                     cell.get("final_val_loss_ci_low"), cell.get("final_val_loss_ci_high"))
 
 
+def cell_identity(cell: dict[str, Any], keys: list[str]) -> tuple:
+    """A cell's mechanism, encoding and values of `keys`: the cells that share it differ only in the other keys."""
+    return (cell["attention_type"], cell["position_embedding"], *(fmt_value(cell.get(k)) for k in keys))
+
+
 def cell_label(cell: dict[str, Any], keys: list[str]) -> str:
     extra = ", ".join(f"{k.rsplit('.', 1)[-1]}={fmt_value(cell.get(k))}" for k in keys)
     return f"{cell['attention_type']} + {cell['position_embedding']}" + (f" ({extra})" if extra else "")
@@ -213,17 +218,13 @@ def sweep_edge_note(headline: list[dict[str, Any]], cells: list[dict[str, Any]],
     """The ranked cells whose best learning rate is the smallest or the largest one swept: their
     optimum may lie outside the sweep, so the ranking may understate them."""
     others = [k for k in keys if k != LEARNING_RATE_KEY]
-
-    def identity(cell: dict[str, Any]) -> tuple:
-        return (cell["attention_type"], cell["position_embedding"], *(fmt_value(cell.get(k)) for k in others))
-
     swept: dict[tuple, list[float]] = {}
     for cell in cells:
         if finite(cell.get(LEARNING_RATE_KEY)):
-            swept.setdefault(identity(cell), []).append(cell[LEARNING_RATE_KEY])
+            swept.setdefault(cell_identity(cell, others), []).append(cell[LEARNING_RATE_KEY])
     edges = []
     for cell in headline:
-        rates, best = swept.get(identity(cell), []), cell.get(LEARNING_RATE_KEY)
+        rates, best = swept.get(cell_identity(cell, others), []), cell.get(LEARNING_RATE_KEY)
         if len(set(rates)) < 2 or not finite(cell.get("final_val_loss_mean")) or not finite(best):
             continue
         if best in (min(rates), max(rates)):
@@ -274,8 +275,7 @@ def size_keys(cells: list[dict[str, Any]], keys: list[str]) -> list[str]:
         others = [k for k in keys if k != key]
         by_cell: dict[tuple, set] = {}
         for c in cells:
-            ident = (c["attention_type"], c["position_embedding"], *(fmt_value(c.get(k)) for k in others))
-            by_cell.setdefault(ident, set()).add(c.get("non_embedding_parameters_mean"))
+            by_cell.setdefault(cell_identity(c, others), set()).add(c.get("non_embedding_parameters_mean"))
         if any(len({v for v in values if finite(v)}) > 1 for values in by_cell.values()):
             found.append(key)
     return found
