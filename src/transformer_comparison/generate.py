@@ -24,6 +24,7 @@ from transformer_comparison.config import Config, load_config
 from transformer_comparison.data import Tokenizer, load_tokenizer
 from transformer_comparison.errors import UserError
 from transformer_comparison.model import GPT
+from transformer_comparison.allocator import keep_freed_memory
 from transformer_comparison.numerics import flush_subnormals
 from transformer_comparison.resume import flat_config
 
@@ -111,6 +112,7 @@ def run(args: argparse.Namespace) -> int:
     if args.top_k is not None and args.top_k < 1:
         raise UserError(f"--top_k must be >= 1, got {args.top_k}")
     flush_subnormals()
+    keep_freed_memory()
     model, tokenizer, _ = load_run(args.run)
     prompt_ids = tokenizer.encode(args.prompt)
     if not prompt_ids:

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from tests.helpers import read_csv, tiny_config
+from transformer_comparison.allocator import glibc
 from transformer_comparison.bench import reference_gpt
 from transformer_comparison.bench.train import flops_per_token
 from transformer_comparison.cli import main
@@ -19,7 +20,8 @@ def test_reference_and_cells_alternate_and_are_recorded(tmp_path: Path, capsys: 
     config = tiny_config(tmp_path)
     out = tmp_path / "bench"
     rc = main(["bench", "train", "--config", str(config), "--steps", "8", "--repeats", "1", "--log_interval", "2",
-               "--warmup_windows", "1", "--threads", "1", "--cells", "local:rope", "--out", str(out), "attention.local.window=4"])
+               "--warmup_windows", "1", "--threads", "1", "--cells", "local:rope", "--out", str(out), "attention.local.window=4",
+               "--reference_keeps_freed_memory"])
     assert rc == 0
     columns, rows = read_csv(out / "train_bench.csv")
     assert columns[:5] == ["implementation", "attention_type", "position_embedding", "repeat", "median_step_ms"]
@@ -27,8 +29,17 @@ def test_reference_and_cells_alternate_and_are_recorded(tmp_path: Path, capsys: 
     for row in rows:
         assert row["status"] == "ok" and float(row["median_step_ms"]) > 0 and row["windows"] == "3"
         assert 0 < float(row["fraction_of_peak"]) < 1.5 and float(row["peak_gflops"]) > 0
+        assert row["keeps_freed_memory"] == str(glibc() is not None)  # both, as asked
     printed = capsys.readouterr().out
     assert "ratio_to_reference" in printed and "tcompare:local+rope" in printed
+
+
+def test_the_reference_keeps_glibcs_allocator_defaults_unless_asked(tmp_path: Path) -> None:
+    cfg = load_config(tiny_config(tmp_path))
+    case = {"config": cfg.model_dump(mode="json"), "steps": 2, "log_interval": 1, "threads": 1}
+    result = reference_gpt.train_reference(case)
+    assert result["status"] == "ok" and len(result["window_step_ms"]) == 2
+    assert result["keeps_freed_memory"] is False
 
 
 def test_the_reference_is_nanogpts_model() -> None:

@@ -82,4 +82,5 @@ class TrainBenchRow(_Row):
     steps: int | None = None
     threads: int | None = None
     final_train_loss: float | None = None
+    keeps_freed_memory: bool | None = None  # whether the run's process kept freed memory (allocator.keep_freed_memory)
     status: str

@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from transformer_comparison.allocator import keep_freed_memory
 from transformer_comparison.artifacts.bench import DecodeRow
 from transformer_comparison.artifacts.io import write_csv
 from transformer_comparison.bench.common import (
@@ -182,6 +183,7 @@ def measure(case: dict[str, Any]) -> Iterator[dict[str, Any]]:
 
     torch.set_num_threads(case["threads"])
     flush_subnormals()
+    keep_freed_memory()
     device = torch.device(case["device"])
     with torch.inference_mode():
         model = load_model(case)

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from transformer_comparison.allocator import keep_freed_memory
 from transformer_comparison.attention import build_attention
 from transformer_comparison.attention.bias import clear_bias_cache, offsets, position_bias
 from transformer_comparison.bench.common import child_main
@@ -105,6 +106,7 @@ def measure_case(case: dict[str, Any]) -> dict[str, Any]:
 
     torch.set_num_threads(case["threads"])
     flush_subnormals()
+    keep_freed_memory()
     clear_bias_cache()  # as in a fresh process: the case's own bias counts in its memory
     device = torch.device(case["device"])
     name = case["mechanism"]

@@ -6,6 +6,8 @@ pre-LayerNorm blocks of causal self-attention through `F.scaled_dot_product_atte
 (torch's fused kernel) and a 4x GELU MLP; AdamW with weight decay on matrices only, gradient
 clipping, the same cosine schedule. One process trains it for a number of steps and reports the
 time of each logging window, measured exactly as the trainer measures its own (`step_time_ms`).
+It runs with glibc's allocator defaults, as nanoGPT does, unless the case asks it to keep freed
+memory as the trainer does (`allocator.keep_freed_memory`).
 
     python -m transformer_comparison.bench.reference_gpt --case JSON
 """
@@ -82,12 +84,14 @@ class NanoGPT(nn.Module):
 
 def train_reference(case: dict[str, Any]) -> dict[str, Any]:
     """Train for case["steps"] steps; the mean step time of each window of case["log_interval"] steps."""
+    from transformer_comparison.allocator import keep_freed_memory
     from transformer_comparison.config import validate_config
     from transformer_comparison.data import prepare_data
     from transformer_comparison.numerics import flush_subnormals
 
     torch.set_num_threads(case["threads"])
     flush_subnormals()
+    kept = case.get("keep_freed_memory", False) and keep_freed_memory()
     cfg = validate_config(case["config"])
     m, t = cfg.model, cfg.training
     data = prepare_data(cfg.data, m.vocab_size)
@@ -118,7 +122,7 @@ def train_reference(case: dict[str, Any]) -> dict[str, Any]:
             now = time.perf_counter()
             windows.append(1000 * (now - window_start) / case["log_interval"])
             window_start = now
-    return {"status": "ok", "window_step_ms": windows, "final_train_loss": loss_value,
+    return {"status": "ok", "window_step_ms": windows, "final_train_loss": loss_value, "keeps_freed_memory": kept,
             "num_parameters": sum(p.numel() for p in model.parameters())}
 
 

@@ -8,7 +8,9 @@ e.g. `attention.flash.use_sdpa=true`). Both sides time windows of `--log_interva
 (wall clock, ending at the host sync of a logging step); the first `--warmup_windows` are dropped and
 a run's step time is the median of the rest. The machine's fp32 matmul peak is measured in the same
 run, so achieved FLOP/s (the model's 6N + 12 L d T per token) is also a fraction of what this CPU
-can do. Results: DIR/train_bench.csv, and the median ratios printed.
+can do. The trainer keeps freed memory in its process (`allocator.py`); the reference runs with
+glibc's defaults, as nanoGPT does, unless `--reference_keeps_freed_memory`, which isolates what the
+models themselves cost. Results: DIR/train_bench.csv, and the median ratios printed.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typing import Any
 
 import torch
 
+from transformer_comparison.allocator import glibc
 from transformer_comparison.artifacts.bench import TrainBenchRow
 from transformer_comparison.artifacts.io import write_csv
 from transformer_comparison.bench.common import comma_list, run_child
@@ -43,6 +46,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log_interval", type=int, default=10, help="steps per timed window (default: %(default)s)")
     parser.add_argument("--warmup_windows", type=int, default=2, help="first windows dropped (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads of every run (default: torch's default)")
+    parser.add_argument("--reference_keeps_freed_memory", action="store_true",
+                        help="the reference also keeps freed memory, as tcompare train does (allocator.py), so the "
+                             "ratio is the models' own; default: the reference runs as nanoGPT does")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per run (default: %(default)s)")
     parser.add_argument("--out", default="results/bench", help="output directory (default: %(default)s)")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides for every run")
@@ -93,7 +99,7 @@ def run_trainer(cfg: Any, steps: int, log_interval: int, threads: int, timeout: 
             return {"status": (lines[-1] if lines else f"exit status {done.returncode}")[:300]}
         records = train_records(read_metrics(run_dir))
         return {"status": "ok", "window_step_ms": [r.step_time_ms for r in records],
-                "final_train_loss": records[-1].train_loss if records else None}
+                "final_train_loss": records[-1].train_loss if records else None, "keeps_freed_memory": glibc() is not None}
 
 
 def flops_per_token(cfg: Any, vocab_size: int, reference: bool) -> float:
@@ -128,8 +134,9 @@ def run(args: argparse.Namespace) -> int:
     vocab_size = cfg.model.vocab_size or prepare_data(cfg.data).tokenizer.vocab_size
     tokens_per_step = cfg.training.batch_size * cfg.training.gradient_accumulation_steps * cfg.model.context_length
     peak = matmul_peak_gflops(threads)
+    reference_memory = "keeps freed memory, as the trainer does" if args.reference_keeps_freed_memory else "glibc's defaults"
     print(f"tcompare bench train: {threads} threads, fp32 matmul peak {peak:.1f} GFLOP/s; {args.repeats} x "
-          f"(reference + {len(cells)} cells) x {args.steps} steps", file=sys.stderr)
+          f"(reference + {len(cells)} cells) x {args.steps} steps; reference allocator: {reference_memory}", file=sys.stderr)
 
     implementations = [(REFERENCE, "", "")] + [(f"tcompare:{m}+{p}", m, p) for m, p in cells]
     rows: list[TrainBenchRow] = []
@@ -138,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
             cell_cfg = cfg if not mechanism else with_overrides(cfg, [f"attention.type={mechanism}", f"position.type={encoding}"])
             if not mechanism:
                 case = {"config": cfg.model_dump(mode="json"), "steps": args.steps, "log_interval": args.log_interval,
-                        "threads": threads}
+                        "threads": threads, "keep_freed_memory": args.reference_keeps_freed_memory}
                 result = run_child("transformer_comparison.bench.reference_gpt", case, RESULT_PREFIX, args.timeout)
             else:
                 result = run_trainer(cell_cfg, args.steps, args.log_interval, threads, args.timeout)
@@ -163,7 +170,8 @@ def make_row(name: str, mechanism: str, encoding: str, repeat: int, result: dict
         implementation=name, attention_type=mechanism or None, position_embedding=encoding or None, repeat=repeat,
         median_step_ms=median, tokens_per_second=tokens_per_second, achieved_gflops=achieved, peak_gflops=peak,
         fraction_of_peak=achieved / peak if achieved else None, windows=len(timed), steps=args.steps, threads=threads,
-        final_train_loss=result.get("final_train_loss"), status=result["status"],
+        final_train_loss=result.get("final_train_loss"), keeps_freed_memory=result.get("keeps_freed_memory"),
+        status=result["status"],
     )
 
 

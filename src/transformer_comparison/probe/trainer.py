@@ -29,6 +29,7 @@ from torch.nn import functional as F
 
 from transformer_comparison.config import Config
 from transformer_comparison.model import GPT, build_model
+from transformer_comparison.allocator import keep_freed_memory
 from transformer_comparison.numerics import flush_subnormals
 from transformer_comparison.probe.mqar import IGNORE_INDEX, Examples, accuracy
 
@@ -174,6 +175,7 @@ def train_and_score(
 ) -> RunResult:
     """Train a fresh model of `cfg` on `train` at `learning_rate`, then score it on every test set."""
     flush_subnormals()
+    keep_freed_memory()
     started = time.perf_counter()
     device = resolve_device(cfg)
     torch.manual_seed(seed)
