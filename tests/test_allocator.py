@@ -32,8 +32,8 @@ def faults_per_step(steps):
         optimizer.zero_grad(set_to_none=True)
     return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / steps
 
-faults_per_step(3)
-print(faults_per_step(5))
+faults_per_step(5)
+print(faults_per_step(10))
 """
 
 
@@ -45,8 +45,9 @@ def faults_per_step(mode: str) -> float:
 
 @pytest.mark.skipif(glibc() is None, reason="the C library is not glibc")
 def test_training_steps_reuse_freed_activations_instead_of_faulting_them_back():
-    assert faults_per_step("default") > 500  # glibc unmaps and trims freed activations every step
-    assert faults_per_step("keep") < 50
+    default, kept = faults_per_step("default"), faults_per_step("keep")
+    assert default > 500  # glibc unmaps and trims freed activations every step (700-3,700 measured)
+    assert kept < default / 10  # 15-50 measured: the heap's own growth, not the activations
 
 
 def test_training_processes_set_it(monkeypatch):
