@@ -318,8 +318,9 @@ def test_a_stop_request_in_the_run_directory_interrupts_the_waited_child(tmp_pat
 
     from transformer_comparison.compare.cells import STOP_FILE, request_stop, wait_interruptibly
 
-    # the child takes SIGINT itself, as the trainer does (session.StopFlag): in the full suite something
-    # earlier leaves SIGINT ignored in this process, and a child would inherit that
+    # the child takes SIGINT itself, as the trainer does (session.StopRequest): a suite started in the
+    # background of a non-interactive shell (`make test &`) starts with SIGINT ignored, and a child
+    # would inherit that
     script = ("import signal, time; signal.signal(signal.SIGINT, signal.default_int_handler); "
               "print('ready', flush=True); time.sleep(60)")
     child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
