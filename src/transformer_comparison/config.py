@@ -123,6 +123,7 @@ class TrainingConfig(_Section):
     device: str = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     compile: bool = False
+    adamw: Literal["auto", "for_loop", "foreach", "fused"] = "auto"  # torch's AdamW implementation; auto: fused on CUDA
     time_budget_seconds: float | None = Field(None, gt=0.0)
     flop_budget: float | None = Field(None, gt=0.0)  # stop after this many training FLOPs (model estimate)
 

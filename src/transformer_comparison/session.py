@@ -25,18 +25,9 @@ from transformer_comparison.data import PreparedData
 from transformer_comparison.errors import UserError
 from transformer_comparison.model import GPT, build_model
 from transformer_comparison.run_dir import RunDir
-from transformer_comparison.runtime import Runtime, grad_scaler, peak_rss_bytes
+from transformer_comparison.runtime import Runtime, grad_scaler, make_adamw, peak_rss_bytes
 from transformer_comparison.training_plan import Plan, write_new_run, write_resumed_run
 from transformer_comparison.wandb_logging import WandbLogger
-
-
-def make_optimizer(model: GPT, cfg: Config, device: torch.device) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (nanoGPT), fused on CUDA."""
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.training.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    betas = (cfg.training.beta1, cfg.training.beta2)
-    return torch.optim.AdamW(groups, lr=cfg.training.learning_rate, betas=betas, fused=device.type == "cuda")
 
 
 @dataclass
@@ -168,7 +159,7 @@ def start_session(cfg: Config, rt: Runtime, plan: Plan, run: RunDir | None, wand
     """Build the model and optimiser (seeded), restore the checkpoint, write the run's files, start W&B."""
     torch.manual_seed(cfg.training.seed + rt.rank)
     raw_model = build_model(cfg, plan.vocab_size).to(rt.device)
-    optimizer = make_optimizer(raw_model, cfg, rt.device)
+    optimizer = make_adamw(raw_model, cfg, cfg.training.learning_rate, rt.device)
     model: torch.nn.Module = torch.compile(raw_model) if cfg.training.compile else raw_model
     if rt.world_size > 1:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)

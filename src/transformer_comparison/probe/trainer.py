@@ -27,11 +27,12 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from transformer_comparison.allocator import keep_freed_memory
 from transformer_comparison.config import Config
 from transformer_comparison.model import GPT, build_model
-from transformer_comparison.allocator import keep_freed_memory
 from transformer_comparison.numerics import flush_subnormals
 from transformer_comparison.probe.mqar import IGNORE_INDEX, Examples, accuracy
+from transformer_comparison.runtime import make_adamw
 
 EVAL_BATCH = 256  # examples per evaluation forward pass
 MIN_LR_FRACTION = 0.1  # the cosine decay ends at this fraction of the peak learning rate
@@ -112,15 +113,6 @@ def learning_rate_at(step: int, peak: float, budget: Budget) -> float:
     return low + 0.5 * (1.0 + math.cos(math.pi * progress)) * (peak - low)
 
 
-def make_optimizer(model: GPT, cfg: Config, learning_rate: float, device: torch.device) -> torch.optim.AdamW:
-    """AdamW with the config's betas and weight decay on matrices only (as `tcompare train`)."""
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.training.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    betas = (cfg.training.beta1, cfg.training.beta2)
-    return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device.type == "cuda")
-
-
 def recall_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Cross-entropy over the labelled positions (label != -100) of (B, L, V) logits."""
     return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX)
@@ -180,7 +172,7 @@ def train_and_score(
     device = resolve_device(cfg)
     torch.manual_seed(seed)
     model = build_probe_model(cfg, vocab_size, mlp).to(device)
-    optimizer = make_optimizer(model, cfg, learning_rate, device)
+    optimizer = make_adamw(model, cfg, learning_rate, device)
     first_test = tests[min(tests)]
     order = batch_order(len(train), budget.batch_size, budget.max_steps, seed)
     status, step, loss_value, curve = "completed", 0, float("nan"), []
