@@ -52,10 +52,11 @@ def test_training_steps_reuse_freed_activations_instead_of_faulting_them_back():
 
 def test_training_processes_set_it(monkeypatch):
     """setup_runtime (train, evaluate's model runs under it) calls it; a no-op result is tolerated."""
+    import transformer_comparison.numerics as numerics
     import transformer_comparison.runtime as runtime
     from transformer_comparison.config import validate_config
 
     calls = []
-    monkeypatch.setattr(runtime, "keep_freed_memory", lambda: calls.append(True) or True)
+    monkeypatch.setattr(numerics, "keep_freed_memory", lambda: calls.append(True) or True)
     runtime.setup_runtime(validate_config({"training": {"device": "cpu"}}))
     assert calls == [True]

@@ -41,8 +41,7 @@ from torch.nn import functional as F
 from transformer_comparison.artifacts.evaluation import CSV_COLUMNS, ExtrapolationRow
 from transformer_comparison.artifacts.io import read_csv, write_csv
 from transformer_comparison.errors import UserError
-from transformer_comparison.allocator import keep_freed_memory
-from transformer_comparison.numerics import flush_subnormals
+from transformer_comparison.numerics import prepare_process
 from transformer_comparison.plots import Panel, loglog_figure, number, save_png
 from transformer_comparison.resources import check_fits, evaluation_memory, is_out_of_memory
 from transformer_comparison.validation import windows_to_batch
@@ -263,8 +262,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--stride {stride} is larger than the evaluation length {lengths[0]}; "
                         f"the stride must be between 1 and the smallest length")
     device = resolve_device(args.device)
-    flush_subnormals()
-    keep_freed_memory()
+    prepare_process()
     run_dir: Path = args.run
     out_csv: Path = args.out or run_dir / "extrapolation.csv"
 

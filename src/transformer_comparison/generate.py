@@ -24,8 +24,7 @@ from transformer_comparison.config import Config, load_config
 from transformer_comparison.data import Tokenizer, load_tokenizer
 from transformer_comparison.errors import UserError
 from transformer_comparison.model import GPT
-from transformer_comparison.allocator import keep_freed_memory
-from transformer_comparison.numerics import flush_subnormals
+from transformer_comparison.numerics import prepare_process
 from transformer_comparison.resume import flat_config
 
 MAX_NEW_TOKENS = 1_000_000  # about a quarter of an hour of CPU decoding of a small model; more is a typo
@@ -111,8 +110,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--seed must be between 0 and 2**63 - 1, got {args.seed}")
     if args.top_k is not None and args.top_k < 1:
         raise UserError(f"--top_k must be >= 1, got {args.top_k}")
-    flush_subnormals()
-    keep_freed_memory()
+    prepare_process()
     model, tokenizer, _ = load_run(args.run)
     prompt_ids = tokenizer.encode(args.prompt)
     if not prompt_ids:

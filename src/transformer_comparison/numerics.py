@@ -1,8 +1,10 @@
-"""Process-wide floating-point settings of the commands that run models or kernels."""
+"""Process-wide settings of the commands that run models or kernels: subnormals, and the allocator."""
 
 from __future__ import annotations
 
 import torch
+
+from transformer_comparison.allocator import keep_freed_memory
 
 
 def flush_subnormals() -> None:
@@ -16,3 +18,10 @@ def flush_subnormals() -> None:
     where the CPU has no such mode.
     """
     torch.set_flush_denormal(True)
+
+
+def prepare_process() -> None:
+    """What every command that trains, evaluates or times a model sets first: subnormals flushed and
+    freed memory kept for reuse (`allocator.keep_freed_memory`)."""
+    flush_subnormals()
+    keep_freed_memory()

@@ -23,10 +23,9 @@ from types import TracebackType
 import torch
 import torch.distributed as dist
 
-from transformer_comparison.allocator import keep_freed_memory
 from transformer_comparison.config import Config
 from transformer_comparison.errors import UserError
-from transformer_comparison.numerics import flush_subnormals
+from transformer_comparison.numerics import prepare_process
 
 
 @dataclass
@@ -44,8 +43,7 @@ class Runtime:
 def setup_runtime(cfg: Config) -> Runtime:
     """Pick the device, start DDP when launched by torchrun, choose autocast (bf16 on GPU), flush subnormals,
     keep freed memory in the process (`allocator`)."""
-    flush_subnormals()
-    keep_freed_memory()
+    prepare_process()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))

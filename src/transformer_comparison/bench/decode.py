@@ -30,14 +30,13 @@ from typing import Any
 
 import torch
 
-from transformer_comparison.allocator import keep_freed_memory
 from transformer_comparison.artifacts.bench import DecodeRow
 from transformer_comparison.artifacts.io import write_csv
 from transformer_comparison.bench.common import (
     child_exit_status, choose, comma_list, error_status, options_text, positive_ints, resolve_device,
 )
 from transformer_comparison.errors import UserError
-from transformer_comparison.numerics import flush_subnormals
+from transformer_comparison.numerics import prepare_process
 from transformer_comparison.plots import Panel, loglog_figure, save_png
 
 DEFAULT_CONTEXTS = [128, 256, 512, 1024, 2048, 4096, 8192]
@@ -182,8 +181,7 @@ def measure(case: dict[str, Any]) -> Iterator[dict[str, Any]]:
     from transformer_comparison.bench.memory import available_memory_bytes, limit_address_space
 
     torch.set_num_threads(case["threads"])
-    flush_subnormals()
-    keep_freed_memory()
+    prepare_process()
     device = torch.device(case["device"])
     with torch.inference_mode():
         model = load_model(case)

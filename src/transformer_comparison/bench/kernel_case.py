@@ -18,11 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from transformer_comparison.allocator import keep_freed_memory
 from transformer_comparison.attention import build_attention
 from transformer_comparison.attention.bias import clear_bias_cache, offsets, position_bias
 from transformer_comparison.bench.common import child_main
-from transformer_comparison.numerics import flush_subnormals
+from transformer_comparison.numerics import prepare_process
 from transformer_comparison.position import build_position
 
 REFERENCE = "torch_sdpa"  # torch.nn.functional.scaled_dot_product_attention
@@ -105,8 +104,7 @@ def measure_case(case: dict[str, Any]) -> dict[str, Any]:
     from transformer_comparison.bench.memory import available_memory_bytes, limit_address_space, measure_peak
 
     torch.set_num_threads(case["threads"])
-    flush_subnormals()
-    keep_freed_memory()
+    prepare_process()
     clear_bias_cache()  # as in a fresh process: the case's own bias counts in its memory
     device = torch.device(case["device"])
     name = case["mechanism"]

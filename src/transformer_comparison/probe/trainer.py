@@ -27,10 +27,9 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from transformer_comparison.allocator import keep_freed_memory
 from transformer_comparison.config import Config
 from transformer_comparison.model import GPT, build_model
-from transformer_comparison.numerics import flush_subnormals
+from transformer_comparison.numerics import prepare_process
 from transformer_comparison.probe.mqar import IGNORE_INDEX, Examples, accuracy
 from transformer_comparison.runtime import make_adamw
 
@@ -166,8 +165,7 @@ def train_and_score(
     train: Examples, tests: dict[int, Examples], mlp: bool = False,
 ) -> RunResult:
     """Train a fresh model of `cfg` on `train` at `learning_rate`, then score it on every test set."""
-    flush_subnormals()
-    keep_freed_memory()
+    prepare_process()
     started = time.perf_counter()
     device = resolve_device(cfg)
     torch.manual_seed(seed)
