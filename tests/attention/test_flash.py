@@ -14,6 +14,7 @@ from tests.attention import checks
 from tests.attention.checks import TIGHT
 from tests.attention.reference import reference_attention
 from transformer_comparison.attention import build_attention, kernel_options
+from transformer_comparison.attention import flash as flash_module
 from transformer_comparison.position import Rotary, alibi_slopes
 
 assert_matches_reference = partial(checks.assert_matches_reference, "flash")  # output, entropy and q/k/v gradients
@@ -32,13 +33,32 @@ def test_matches_reference(causal, alibi, rope, kv_heads, n, slopes4):
     )
 
 
-@pytest.mark.parametrize("nq", [1, 3, 8])
+@pytest.mark.parametrize("nq", [1, 3, 8])  # query offsets 10, 8, 3: two are not multiples of the block size
+@pytest.mark.parametrize("alibi", [False, True], ids=["no_alibi", "alibi"])
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
-def test_queries_shorter_than_keys_are_end_aligned(causal, nq, slopes4):
+def test_queries_shorter_than_keys_are_end_aligned(causal, alibi, nq, slopes4):
     q = make_qkv(1, 4, 2, nq, seed=1)[0]
     _, k, v = make_qkv(1, 4, 2, 11, seed=2)
     attn = build_attention("flash", block_size=3)
-    assert_matches_reference(attn, q, k, v, causal=causal, slopes=slopes4, rope_base=10000.0)
+    assert_matches_reference(attn, q, k, v, causal=causal, slopes=slopes4 if alibi else None, rope_base=10000.0)
+
+
+@pytest.mark.parametrize(("nq", "nk", "block"), [(8, 8, 3), (5, 11, 3), (4, 11, 4), (16, 16, 4)])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+def test_key_blocks_are_one_partition_that_masks_every_future_key(nq, nk, block, causal):
+    """The backward pass sums dK and dV per key block, so every query block's key blocks must start on
+    the same multiples of the block size; a causal block must be masked wherever it holds a future key."""
+    q = torch.zeros(1, 1, nq, 2)
+    tiling = flash_module._Tiling.build(q, torch.zeros(1, 1, nk, 2), None, causal, block)
+    for q_start, q_end in tiling.query_blocks(nq):
+        blocks = tiling.key_blocks(q_start, q_end, nk)
+        assert [start for start, _, _ in blocks] == list(range(0, blocks[-1][1], block))
+        assert all(end - start <= block for start, end, _ in blocks)
+        first, last = nk - nq + q_start, nk - nq + q_end
+        assert blocks[-1][1] == (last if causal else nk)
+        for start, end, masked in blocks:
+            holds_future_key = causal and end - 1 > first
+            assert masked or not holds_future_key
 
 
 @settings(max_examples=12, deadline=None)

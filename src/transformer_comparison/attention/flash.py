@@ -13,16 +13,18 @@ them, P = exp(S - L), and uses the FlashAttention-2 gradient with D_i = rowsum(d
 
     dV += P^T dO,   dP = dO V^T,   dS = P * (dP - D),   dQ += dS K / sqrt(d),   dK += dS^T Q / sqrt(d).
 
-Causal key blocks entirely above the diagonal are skipped and only the diagonal block is masked;
-the ALiBi bias is built per tile. Grouped K/V heads are read by folding each group of query heads
+Keys are cut at multiples of `block_size`, the same blocks for every query block, so the backward pass
+sums dK and dV per key block in place. Causal key blocks entirely above the diagonal are skipped and
+only the diagonal block is masked; the ALiBi bias is built per tile. Grouped K/V heads are read by folding each group of query heads
 into the rows of a tile, so K and V are never repeated. RoPE rotates q and k before the kernel
 (autograd differentiates the rotation). The attention entropy H_i = L_i - sum_j p_ij s_ij is
 accumulated online like the output and needs no n x n row either.
 
 Time O(n^2 d) like `dot_product` (about half the tiles when causal); activation memory O(n d) saved
-for backward plus O(block_size^2) per head of working memory, instead of O(n^2). Probabilities below
-4x the smallest normal number (4.7e-38 in float32) are flushed to 0, which keeps far ALiBi tiles and
-masked entries off slow subnormal arithmetic (see `_exp_`).
+for backward plus O(block_size^2) per head of working memory, instead of O(n^2). In tiles with a bias
+(ALiBi, the causal mask) probabilities below 4x the smallest normal number (4.7e-38 in float32) are
+flushed to 0, which keeps far ALiBi tiles and masked entries off slow subnormal arithmetic (see
+`_exp_`); unbiased tiles take a plain exp (`_tile_exp_`).
 
 `use_sdpa=True` dispatches to torch's `scaled_dot_product_attention` where that is the same maths
 without an n x n mask: no entropy requested, and either nq == nk without ALiBi or a single query
@@ -75,28 +77,37 @@ class _Tiling:
         return [(start, min(start + self.block, nq)) for start in range(0, nq, self.block)]
 
     def key_blocks(self, q_start: int, q_end: int, nk: int) -> list[tuple[int, int, bool]]:
-        """(start, end, is_diagonal) of the key blocks a query block sees.
+        """(start, end, masked) of the key blocks a query block sees: the keys cut at multiples of the
+        block size, the same blocks for every query block (the backward pass accumulates per block).
 
-        Causal: the keys before the block's first query position are fully visible, the keys at its
-        own positions form the one masked diagonal block, and later keys are skipped.
+        Causal: blocks ending at or before the query block's first position are fully visible, later
+        keys up to its last position are masked (one diagonal block when nq == nk), the rest skipped.
         """
         if not self.causal:
             return [(start, min(start + self.block, nk), False) for start in range(0, nk, self.block)]
         first, last = self.query_offset + q_start, self.query_offset + q_end
-        blocks = [(start, min(start + self.block, first), False) for start in range(0, first, self.block)]
-        return blocks + [(first, last, True)]
+        blocks = []
+        for start in range(0, last, self.block):
+            end = min(start + self.block, last)
+            blocks.append((start, end, end > first))
+        return blocks
 
-    def scores(self, q_rows: Tensor, k_block: Tensor, q_start: int, k_start: int, diagonal: bool) -> Tensor:
+    def biased(self, masked: bool) -> bool:
+        """Whether a tile's scores carry a bias (ALiBi or the causal mask), which can put them far below
+        the row's max; unbiased tiles take a plain exp (see `_exp_`)."""
+        return masked or self.slopes is not None
+
+    def scores(self, q_rows: Tensor, k_block: Tensor, q_start: int, k_start: int, masked: bool) -> Tensor:
         """Biased, masked scores of one tile, (B*KV, nq_block*G, nk_block); q_rows is pre-scaled."""
         scores = q_rows @ k_block.mT
-        if self.slopes is None and not diagonal:
+        if not self.biased(masked):
             return scores
         n_rows, n_keys = q_rows.shape[1] // self.groups, k_block.shape[1]
         q_pos = torch.arange(n_rows, device=scores.device) + (self.query_offset + q_start)
         k_pos = torch.arange(k_start, k_start + n_keys, device=scores.device)
         offset = (q_pos[:, None] - k_pos[None, :])[:, None, :]  # (n_rows, 1, n_keys), broadcast over G
         grouped = scores.view(self.batch, self.kv_heads, n_rows, self.groups, n_keys)
-        grouped.add_(position_bias(offset, causal=diagonal, slopes=self.slopes, dtype=scores.dtype))
+        grouped.add_(position_bias(offset, causal=masked, slopes=self.slopes, dtype=scores.dtype))
         return scores
 
 
@@ -111,6 +122,15 @@ def _exp_(x: Tensor) -> Tensor:
     return F.threshold_(x.clamp_(min=math.log(tiny) + 1.0).exp_(), 4 * tiny, 0.0)
 
 
+def _tile_exp_(shifted: Tensor, biased: bool) -> Tensor:
+    """exp in place of a tile's scores minus their row max (or log-sum-exp): guarded by `_exp_` where
+    the tile carries a bias or mask, plain where it does not. Unbiased scores sit within a few units of
+    their max for any trained model, so the guard's two extra passes (8% of the kernel at n = 4096)
+    buy nothing there; should one underflow, exp still returns the right (subnormal) value, and the
+    commands flush those to 0 (`numerics.flush_subnormals`)."""
+    return _exp_(shifted) if biased else shifted.exp_()
+
+
 class _OnlineSoftmax:
     """Running softmax of one query block over successive key blocks (rows of shape (B*KV, rows, .)).
 
@@ -118,16 +138,16 @@ class _OnlineSoftmax:
     kept only when the entropy is wanted. Score tiles are consumed (overwritten in place).
     """
 
-    def __init__(self, scores: Tensor, v_block: Tensor, need_entropy: bool) -> None:
+    def __init__(self, scores: Tensor, v_block: Tensor, need_entropy: bool, biased: bool) -> None:
         self.m = scores.amax(-1, keepdim=True)
-        p = _exp_(scores.sub_(self.m))
+        p = _tile_exp_(scores.sub_(self.m), biased)
         self.l = p.sum(-1, keepdim=True)
         self.acc = p @ v_block
         self.plogp = torch.xlogy(p, p).sum(-1, keepdim=True) if need_entropy else None
 
-    def update(self, scores: Tensor, v_block: Tensor) -> None:
+    def update(self, scores: Tensor, v_block: Tensor, biased: bool) -> None:
         m_new = torch.maximum(self.m, scores.amax(-1, keepdim=True))
-        p = _exp_(scores.sub_(m_new))
+        p = _tile_exp_(scores.sub_(m_new), biased)
         alpha = (self.m - m_new).exp_()
         if self.plogp is not None:
             shifted = self.plogp - (m_new - self.m) * self.l
@@ -173,12 +193,12 @@ def _flash_forward(
     for q_start, q_end in tiling.query_blocks(q_rows.shape[1] // groups):
         rows = slice(q_start * groups, q_end * groups)
         softmax = None
-        for k_start, k_end, diagonal in tiling.key_blocks(q_start, q_end, nk):
-            scores = tiling.scores(q_rows[:, rows], k[:, k_start:k_end], q_start, k_start, diagonal)
+        for k_start, k_end, masked in tiling.key_blocks(q_start, q_end, nk):
+            scores = tiling.scores(q_rows[:, rows], k[:, k_start:k_end], q_start, k_start, masked)
             if softmax is None:
-                softmax = _OnlineSoftmax(scores, v[:, k_start:k_end], need_entropy)
+                softmax = _OnlineSoftmax(scores, v[:, k_start:k_end], need_entropy, tiling.biased(masked))
             else:
-                softmax.update(scores, v[:, k_start:k_end])
+                softmax.update(scores, v[:, k_start:k_end], tiling.biased(masked))
         out[:, rows] = softmax.output()
         lse[:, rows] = softmax.log_sum_exp()
         if entropy is not None:
@@ -187,25 +207,43 @@ def _flash_forward(
 
 
 def _flash_backward(
-    q_rows: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, grad_out: Tensor, tiling: _Tiling
+    q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, grad_out: Tensor, tiling: _Tiling, scale: float
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients (rows layout for q) by recomputing each tile's probabilities from the log-sum-exp."""
+    """Gradients (rows layout for q, unscaled) by recomputing each tile's probabilities from the
+    log-sum-exp; q is (B, H, nq, D), the others are in the rows layout.
+
+    dK and dV are summed per key block into contiguous buffers (in-place baddbmm_, faster than adding
+    into a strided slice), joined once the scaled queries are freed: the peak is no higher for it."""
+    q_rows = _to_rows(q, tiling.kv_heads) * scale
     groups, nk = tiling.groups, k.shape[1]
     delta = (grad_out * out).sum(-1, keepdim=True)
-    grad_q, grad_k, grad_v = torch.empty_like(q_rows), torch.zeros_like(k), torch.zeros_like(v)
+    grad_q = torch.empty_like(q_rows)
+    key_starts = range(0, nk, tiling.block)
+    grad_k_blocks = [k.new_zeros(k.shape[0], min(tiling.block, nk - start), k.shape[2]) for start in key_starts]
+    grad_v_blocks = [torch.zeros_like(block) for block in grad_k_blocks]
     for q_start, q_end in tiling.query_blocks(q_rows.shape[1] // groups):
         rows = slice(q_start * groups, q_end * groups)
         q_block, grad_out_block = q_rows[:, rows].contiguous(), grad_out[:, rows].contiguous()
         grad_q_block = torch.zeros_like(q_block)
-        for k_start, k_end, diagonal in tiling.key_blocks(q_start, q_end, nk):
+        for k_start, k_end, masked in tiling.key_blocks(q_start, q_end, nk):
             keys = slice(k_start, k_end)
-            probs = _exp_(tiling.scores(q_block, k[:, keys], q_start, k_start, diagonal).sub_(lse[:, rows]))
-            grad_v[:, keys] += probs.mT @ grad_out_block  # (in-place baddbmm_ on a strided slice is slower)
+            scores = tiling.scores(q_block, k[:, keys], q_start, k_start, masked)
+            probs = _tile_exp_(scores.sub_(lse[:, rows]), tiling.biased(masked))
             grad_scores = (grad_out_block @ v[:, keys].mT).sub_(delta[:, rows]).mul_(probs)
             grad_q_block.baddbmm_(grad_scores, k[:, keys])
-            grad_k[:, keys] += grad_scores.mT @ q_block
+            block, width = k_start // tiling.block, k_end - k_start  # a causal block can end early
+            grad_v_blocks[block][:, :width].baddbmm_(probs.mT, grad_out_block)
+            grad_k_blocks[block][:, :width].baddbmm_(grad_scores.mT, q_block)
         grad_q[:, rows] = grad_q_block
-    return grad_q, grad_k, grad_v
+    del q_rows, q_block, grad_q_block
+    return grad_q, _join(grad_k_blocks), _join(grad_v_blocks)
+
+
+def _join(blocks: list[Tensor]) -> Tensor:
+    """Concatenate key blocks (B*KV, block, D) along the keys and free them."""
+    joined = torch.cat(blocks, dim=1)
+    blocks.clear()
+    return joined
 
 
 class _FlashFunction(torch.autograd.Function):
@@ -232,9 +270,8 @@ class _FlashFunction(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         tiling, scale = ctx.tiling, ctx.scale
         batch, heads = q.shape[:2]
-        q_rows = _to_rows(q, tiling.kv_heads) * scale
         grad_rows = _to_rows(grad_out, tiling.kv_heads).contiguous()
-        grad_q, grad_k, grad_v = _flash_backward(q_rows, k.flatten(0, 1), v.flatten(0, 1), out, lse, grad_rows, tiling)
+        grad_q, grad_k, grad_v = _flash_backward(q, k.flatten(0, 1), v.flatten(0, 1), out, lse, grad_rows, tiling, scale)
         grad_q = _from_rows(grad_q.mul_(scale), batch, heads)
         return grad_q, grad_k.view_as(k), grad_v.view_as(v), None, None, None, None
 
