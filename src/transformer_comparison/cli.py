@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from transformer_comparison.errors import UserError
+from transformer_comparison.openmp import shorten_spin_wait
 
 # sub-command name -> (module, one-line help). Adding a command is adding a line here.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -68,6 +69,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    shorten_spin_wait()  # before any command imports torch (openmp.py)
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv[0] if argv and argv[0] in COMMANDS else "tcompare"
     try:
