@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 import os
 import re
 import shutil
@@ -19,7 +20,7 @@ from tests.helpers import read_csv
 from transformer_comparison.cli import build_parser, main
 from transformer_comparison.compare import extras
 from transformer_comparison.compare.cells import cell_action
-from transformer_comparison.compare.command import prepare_output_dir
+from transformer_comparison.compare.command import prepare_output_dir, seconds_left
 from transformer_comparison.compare.plan import Plan, make_plan
 from transformer_comparison.config import load_config
 
@@ -340,3 +341,13 @@ def test_a_config_key_added_to_the_program_later_does_not_make_a_comparison_diff
     assert config_differences(old, {"model": {"d_model": 64, "short_conv": 0}, "training": {"learning_rate": 1e-3}}) == ""
     assert "model.d_model 64 -> 32" in config_differences(old, {"model": {"d_model": 32, "short_conv": 0},
                                                                  "training": {"learning_rate": 1e-3}})
+
+
+def test_time_left_counts_each_mechanism_at_its_own_speed():
+    """A mechanism's pending runs take its finished runs' mean; one not seen yet takes the overall mean."""
+    walls = {"dot_product": [10.0, 12.0], "gla": [30.0]}
+    pending = Counter({"dot_product": 1, "gla": 2, "retention": 1, "linear": 0})
+    overall = (10.0 + 12.0 + 30.0) / 3
+    assert seconds_left(walls, pending, jobs=1) == pytest.approx(11.0 + 2 * 30.0 + overall)
+    assert seconds_left(walls, pending, jobs=2) == pytest.approx((11.0 + 2 * 30.0 + overall) / 2)
+    assert seconds_left(walls, Counter({"gla": 0}), jobs=1) == 0.0

@@ -10,7 +10,7 @@ import shlex
 import signal
 import sys
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -249,6 +249,16 @@ def duration(seconds: float) -> str:
     return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
+def seconds_left(walls: dict[str, list[float]], pending: Counter, jobs: int) -> float:
+    """Expected wall time of the pending runs (a count per mechanism), `jobs` at a time: each run takes
+    the mean of its mechanism's finished runs, or of all finished runs for a mechanism not seen yet
+    (mechanisms differ 2-3x in speed, and a grid trains them one after another)."""
+    every = [wall for mechanism_walls in walls.values() for wall in mechanism_walls]
+    overall = sum(every) / len(every)
+    expected = {mechanism: sum(w) / len(w) for mechanism, w in walls.items() if w}
+    return sum(expected.get(mechanism, overall) * count for mechanism, count in pending.items()) / jobs
+
+
 def run_cells(plan: Plan, comparison: Comparison, executor: LocalExecutor | RayExecutor, jobs: int, stop: StopFlag) -> Counter:
     counts: Counter = Counter()
     todo = []
@@ -260,16 +270,19 @@ def run_cells(plan: Plan, comparison: Comparison, executor: LocalExecutor | RayE
     total = len(plan.cells)
     print(f"comparison {comparison.name}: {total} runs, {counts['skipped']} completed earlier, {counts['resume']} to resume, "
           f"{counts['fresh']} to train; {executor.describe()} -> {plan.out}", flush=True)
-    started, walls, done = time.perf_counter(), [], counts["skipped"]
+    started, done = time.perf_counter(), counts["skipped"]
+    walls: dict[str, list[float]] = defaultdict(list)  # per mechanism, this invocation's finished runs
+    pending = Counter(job.attention_type for job in todo)
 
     def finished(job: CellJob, record: CellRecord) -> None:
         nonlocal done
         counts[record.status] += 1
         done += 1
-        walls.append(record.wall_seconds)
+        walls[job.attention_type].append(record.wall_seconds)
+        pending[job.attention_type] -= 1
         report.write_results(plan.out)
         left = total - done
-        eta = f"; about {duration(sum(walls) / len(walls) * left / jobs)} left" if left and stop.signum is None else ""
+        eta = f"; about {duration(seconds_left(walls, pending, jobs))} left" if left and stop.signum is None else ""
         print(f"[{done}/{total}] {job.name}: {describe(record, job.run_dir)} "
               f"(elapsed {duration(time.perf_counter() - started)}{eta})", flush=True)
 
