@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections import Counter
 import os
 import re
 import shutil
@@ -11,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest

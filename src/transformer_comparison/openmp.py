@@ -5,9 +5,9 @@ regions a worker thread spins, by default about 300,000 iterations, before it sl
 CPU-bound process there are more runnable threads than cores. A spinning worker then burns the
 timeslice that the thread it waits for needs, and every region can cost a scheduler timeslice. One
 SDPA call is one region, but a tiled kernel issues thousands. At n = 4096, forward + backward,
-2 threads, one `python -c "while True: pass"` beside it, flash took 2.2-7.6 s against SDPA's
-0.45 s (5-15x). With GOMP_SPINCOUNT=10000 it took 1.2-1.3 s (2.6-2.7x), and local's time fell from
-441 to 131-134 ms. On a quiet machine the kernels' times did not change beyond the run-to-run noise
+2 threads, one `python -c "while True: pass"` beside it, flash took 1.7-7.6 s against SDPA's
+0.39-0.51 s (4.3-16x). With GOMP_SPINCOUNT=10000 it took 1.1-1.3 s (2.4-2.7x), and local's time fell
+from 441 to 131-176 ms. On a quiet machine the kernels' times did not change beyond the run-to-run noise
 (three alternating runs each; docs/results.md, "Session 7"). OMP_WAIT_POLICY=PASSIVE did better
 when busy (1.5x) but made flash 1.8x slower when quiet.
 

@@ -13,10 +13,10 @@ them, P = exp(S - L), and uses the FlashAttention-2 gradient with D_i = rowsum(d
 
     dV += P^T dO,   dP = dO V^T,   dS = P * (dP - D),   dQ += dS K / sqrt(d),   dK += dS^T Q / sqrt(d).
 
-Keys are cut at multiples of `block_size`, the same blocks for every query block, so the backward pass
-sums dK and dV per key block in place. Causal key blocks entirely above the diagonal are skipped and
-only the diagonal block is masked; the ALiBi bias is built per tile. Grouped K/V heads are read by folding each group of query heads
-into the rows of a tile, so K and V are never repeated. RoPE rotates q and k before the kernel
+Keys are cut at multiples of `block_size`, the same blocks for every query block, so the backward
+pass sums dK and dV per key block in place. Causal key blocks entirely above the diagonal are skipped
+and only the diagonal block is masked; the ALiBi bias is built per tile. Grouped K/V heads are read
+by folding each group of query heads into the rows of a tile, so K and V are never repeated. RoPE rotates q and k before the kernel
 (autograd differentiates the rotation). The attention entropy H_i = L_i - sum_j p_ij s_ij is
 accumulated online like the output and needs no n x n row either.
 
@@ -94,7 +94,7 @@ class _Tiling:
 
     def biased(self, masked: bool) -> bool:
         """Whether a tile's scores carry a bias (ALiBi or the causal mask), which can put them far below
-        the row's max; unbiased tiles take a plain exp (see `_exp_`)."""
+        the row's max; unbiased tiles take a plain exp (see `_tile_exp_`)."""
         return masked or self.slopes is not None
 
     def scores(self, q_rows: Tensor, k_block: Tensor, q_start: int, k_start: int, masked: bool) -> Tensor:

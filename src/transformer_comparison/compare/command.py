@@ -255,7 +255,7 @@ def seconds_left(walls: dict[str, list[float]], pending: Counter, jobs: int) -> 
     (mechanisms differ 2-3x in speed, and a grid trains them one after another)."""
     every = [wall for mechanism_walls in walls.values() for wall in mechanism_walls]
     overall = sum(every) / len(every)
-    expected = {mechanism: sum(w) / len(w) for mechanism, w in walls.items() if w}
+    expected = {mechanism: sum(w) / len(w) for mechanism, w in walls.items()}
     return sum(expected.get(mechanism, overall) * count for mechanism, count in pending.items()) / jobs
 
 
