@@ -65,7 +65,7 @@ def test_a_copied_mechanism_file_is_a_new_mechanism_everywhere(package_with_a_co
 
     bench = tmp_path / "bench"
     benched = run([*tc, "bench", "kernels", "--lengths", "32", "--mechanisms", "my_window,local", "--passes", "forward",
-                   "--min_run_time", "0.01", "--threads", "1", "--out", str(bench)], site, tmp_path)
+                   "--min_run_time", "0.01", "--threads", "1", "--repeats", "1", "--out", str(bench)], site, tmp_path)
     assert benched.returncode == 0, benched.stderr
     _, rows = read_csv(bench / "kernels.csv")
     assert [(r["mechanism"], r["status"]) for r in rows] == [("my_window", "ok"), ("local", "ok")]

@@ -17,7 +17,7 @@ from transformer_comparison.bench.memory import measure_peak, memtracker_peak
 from transformer_comparison.cli import main
 from transformer_comparison.position import Rotary, alibi_slopes
 
-FAST = ["--min_run_time", "0.01", "--threads", "1"]
+FAST = ["--min_run_time", "0.01", "--threads", "1", "--repeats", "1"]
 
 
 @pytest.mark.slow
@@ -31,6 +31,7 @@ def test_end_to_end_writes_csv_and_plots(tmp_path: Path) -> None:
         ("dot_product", 32, "forward"), ("dot_product", 64, "forward"),
         ("dot_product", 32, "forward_backward"), ("dot_product", 64, "forward_backward"),
     ]
+    assert columns[-4:] == ["time_ms_min", "time_ms_max", "repeats", "time_ratio_to_reference"]
     for row in rows:
         assert row["status"] == "ok", row
         assert float(row["time_ms"]) > 0
@@ -40,6 +41,61 @@ def test_end_to_end_writes_csv_and_plots(tmp_path: Path) -> None:
         assert (out / name).stat().st_size > 0
     columns, _ = read_csv(out / "kernels_crossover.csv")
     assert columns == ["mechanism", "pass", "metric", "crossover_seq_len"]
+
+
+@pytest.mark.slow
+def test_rounds_report_the_median_its_range_and_the_ratio_to_sdpa(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "bench"
+    rc = main(["bench", "kernels", "--lengths", "32,64", "--mechanisms", "dot_product,torch_sdpa", "--passes", "forward",
+               "--out", str(out), "--min_run_time", "0.01", "--threads", "1", "--repeats", "2"])
+    assert rc == 0
+    _, rows = read_csv(out / "kernels.csv")
+    assert [(r["mechanism"], int(r["seq_len"])) for r in rows] == [
+        ("dot_product", 32), ("dot_product", 64), ("torch_sdpa", 32), ("torch_sdpa", 64)]
+    for row in rows:
+        assert row["status"] == "ok" and row["repeats"] == "2"
+        assert float(row["time_ms_min"]) <= float(row["time_ms"]) <= float(row["time_ms_max"])
+        assert float(row["time_ratio_to_reference"]) > 0
+    assert [float(r["time_ratio_to_reference"]) for r in rows[2:]] == [1.0, 1.0]
+    printed = capsys.readouterr().out
+    assert "t(64)/t(32)" in printed and "vs_sdpa" in printed
+
+
+def test_rounds_alternate_lengths_and_do_not_rerun_failures(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each round runs every case once, shortest lengths first; a case that failed is not run again, and
+    longer lengths of its mechanism are skipped (without --keep_going)."""
+    calls: list[tuple[str, int]] = []
+
+    def fake_child(module: str, case: dict, prefix: str, timeout: float) -> dict:
+        calls.append((case["mechanism"], case["seq_len"]))
+        if case["mechanism"] == "dot_product" and case["seq_len"] == 64:
+            return {"status": "timeout"}
+        return {"status": "ok", "time_ms": float(case["seq_len"] * len(calls)), "peak_memory_bytes": 1}
+
+    monkeypatch.setattr(kernels, "run_child", fake_child)
+    out = tmp_path / "bench"
+    assert main(["bench", "kernels", "--lengths", "32,64,128", "--mechanisms", "dot_product,torch_sdpa", "--passes",
+                 "forward", "--repeats", "2", "--out", str(out)]) == 0
+    assert calls == [("dot_product", 32), ("torch_sdpa", 32), ("dot_product", 64), ("torch_sdpa", 64), ("torch_sdpa", 128),
+                     ("dot_product", 32), ("torch_sdpa", 32), ("torch_sdpa", 64), ("torch_sdpa", 128)]
+    _, rows = read_csv(out / "kernels.csv")
+    assert [r["status"] for r in rows] == ["ok", "timeout", "skipped (timeout at n=64)", "ok", "ok", "ok"]
+
+
+def test_the_ratio_to_sdpa_is_the_median_of_per_round_ratios() -> None:
+    """Drift between rounds cancels from per-round ratios; the ratio of the medians would not (12/8 here)."""
+    def ok(ms: float) -> dict:
+        return {"status": "ok", "time_ms": ms, "peak_memory_bytes": 10}
+
+    flash, sdpa = [ok(10), ok(40), ok(12)], [ok(5), ok(10), ok(8)]
+    assert kernels.median_ratio(flash, sdpa) == 2.0
+    combined = kernels.combine(flash)
+    assert (combined["time_ms"], combined["time_ms_min"], combined["time_ms_max"], combined["repeats"]) == (12, 10, 40, 3)
+    assert kernels.median_ratio(flash, [ok(5), {"status": "timeout"}]) == 2.0  # only rounds where both ran
+    assert kernels.combine([ok(1), {"status": "oom"}])["status"] == "oom"
+    cases = [case_for("flash", 64, "forward"), case_for("torch_sdpa", 64, "forward")]
+    flash_row, sdpa_row = kernels.summarise(cases, [flash, sdpa])
+    assert flash_row.time_ratio_to_reference == 2.0 and sdpa_row.time_ratio_to_reference == 1.0
 
 
 @pytest.mark.slow
@@ -103,7 +159,7 @@ def test_unknown_mechanism_exits_2_with_one_line(tmp_path: Path, capsys: pytest.
 
 
 @pytest.mark.parametrize("bad", [["--lengths", "32,x"], ["--lengths", "0"], ["--dtype", "int8"],
-                                 ["--passes", "backward"], ["--kv_heads", "3"], ["--position_embedding", "learned"]])
+                                 ["--passes", "backward"], ["--kv_heads", "3"], ["--repeats", "0"], ["--position_embedding", "learned"]])
 def test_bad_input_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str], bad: list[str]) -> None:
     assert main(["bench", "kernels", *bad, "--out", str(tmp_path / "b")]) == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1

@@ -32,6 +32,10 @@ class KernelRow(_Row):
     device: str | None = None
     threads: int | None = None
     options: str | None = None
+    time_ms_min: float | None = None  # time_ms is the median over the case's rounds (--repeats); these its range
+    time_ms_max: float | None = None
+    repeats: int | None = None  # rounds the case ran ok in
+    time_ratio_to_reference: float | None = None  # median over rounds of time / torch_sdpa's at the same length and pass
 
     model_config = ConfigDict(extra="ignore", populate_by_name=True)
 

@@ -2,7 +2,10 @@
 
 Every case (mechanism, seq_len, pass) runs in a fresh Python process (`bench/kernel_case.py`), which
 isolates out-of-memory and lets a per-case timeout kill it; a failing case is recorded with its status,
-never raised. The mechanisms are the registry's, with their options from the config schema (defaults,
+never raised. The cases run `--repeats` rounds, each round every case once, ordered by length so
+that the kernels compared at one length run minutes apart at most: a machine whose speed drifts
+moves a round's cases alike. A case's time is the median of its rounds, and its ratio to torch's
+SDPA the median of the per-round ratios, which drift cancels from. The mechanisms are the registry's, with their options from the config schema (defaults,
 `--config FILE`, and `section.key=value` overrides such as `attention.local.window=128`), their
 key/value heads from their own policy and their FLOPs from their own model; torch's SDPA runs beside
 them as the reference. docs/benchmarks.md has the method and how to read the outputs:
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -59,6 +63,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="CPU threads for each case (default: torch's default, what training would use)")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per case before it is killed (default: %(default)s)")
     parser.add_argument("--min_run_time", type=float, default=1.0, help="seconds of timed runs per case (default: %(default)s)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="rounds over every case, each case in a fresh process every round; a case's time is the "
+                             "median over rounds, its ratio to torch_sdpa the median of per-round ratios (default: %(default)s)")
     parser.add_argument("--memory_limit", default="auto",
                         help="GiB a CPU case may allocate before it fails as oom: a number, 'auto' (90%% of available "
                              "memory when the case starts) or 'none'")
@@ -109,7 +116,7 @@ def build_cases(args: argparse.Namespace) -> list[dict[str, Any]]:
     if args.position_embedding is not None:
         choose([args.position_embedding], position_names(), "--position_embedding")
     choose([args.dtype], list(DTYPES), "--dtype")
-    for name in ("batch", "heads", "head_dim", "threads", "kv_heads"):
+    for name in ("batch", "heads", "head_dim", "threads", "kv_heads", "repeats"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise UserError(f"--{name} must be >= 1, got {value}")
@@ -151,7 +158,7 @@ def attention_flops(case: dict[str, Any]) -> float:
     return forward * (3 if case["pass"] == "forward_backward" else 1)
 
 
-def make_row(case: dict[str, Any], result: dict[str, Any]) -> KernelRow:
+def make_row(case: dict[str, Any], result: dict[str, Any], ratio_to_reference: float | None = None) -> KernelRow:
     time_ms = result.get("time_ms")
     flops = attention_flops(case)
     return KernelRow(
@@ -162,15 +169,73 @@ def make_row(case: dict[str, Any], result: dict[str, Any]) -> KernelRow:
         position_embedding=case["position_embedding"], batch=case["batch"], heads=case["heads"],
         kv_heads=case["kv_heads"], head_dim=case["head_dim"], causal=case["causal"], dtype=case["dtype"],
         device=case["device"], threads=case["threads"], options=options_text(case["options"]),
+        time_ms_min=result.get("time_ms_min", time_ms), time_ms_max=result.get("time_ms_max", time_ms),
+        repeats=result.get("repeats", 1 if time_ms is not None else 0), time_ratio_to_reference=ratio_to_reference,
     )
+
+
+def combine(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """One result from a case's rounds: ok only if every round was, with the median time, its range and the
+    largest peak memory of any round; otherwise the first failure."""
+    failed = next((result for result in rounds if result["status"] != "ok"), None)
+    if failed is not None:
+        return failed
+    times = [result["time_ms"] for result in rounds]
+    largest = max(rounds, key=lambda result: result["peak_memory_bytes"] or 0)
+    return {**largest, "time_ms": statistics.median(times), "time_ms_min": min(times), "time_ms_max": max(times),
+            "repeats": len(rounds)}
+
+
+def median_ratio(numerator: list[dict[str, Any]], denominator: list[dict[str, Any]]) -> float | None:
+    """Median over rounds of numerator / denominator time, from the rounds where both ran ok (the lists are
+    round by round: a case that failed is not run again, so its list stops there); None if there are none."""
+    ratios = [a["time_ms"] / b["time_ms"] for a, b in zip(numerator, denominator)
+              if a["status"] == b["status"] == "ok" and b["time_ms"] > 0]
+    return statistics.median(ratios) if ratios else None
+
+
+def summarise(cases: list[dict[str, Any]], results: list[list[dict[str, Any]]]) -> list[KernelRow]:
+    """A row per case that has run at least once, in the cases' order, with its median ratio to torch_sdpa
+    at the same length and pass (when torch_sdpa is among the mechanisms)."""
+    reference = {(case["seq_len"], case["pass"]): rounds
+                 for case, rounds in zip(cases, results) if case["mechanism"] == REFERENCE}
+    rows = []
+    for case, rounds in zip(cases, results):
+        if rounds:
+            baseline = reference.get((case["seq_len"], case["pass"]))
+            rows.append(make_row(case, combine(rounds), median_ratio(rounds, baseline) if baseline else None))
+    return rows
+
+
+def time_growth(cases: list[dict[str, Any]], results: list[list[dict[str, Any]]]) -> list[str]:
+    """Per mechanism and pass, t(longest) / t(shortest) of the lengths that ran ok (median of per-round
+    ratios) and the exponent it implies: 1 for linear time, 2 for quadratic."""
+    lines = []
+    groups: dict[tuple[str, str], dict[int, list[dict[str, Any]]]] = {}
+    for case, rounds in zip(cases, results):
+        if rounds and combine(rounds)["status"] == "ok":
+            groups.setdefault((case["mechanism"], case["pass"]), {})[case["seq_len"]] = rounds
+    for (mechanism, pass_name), by_length in groups.items():
+        if len(by_length) < 2:
+            continue
+        shortest, longest = min(by_length), max(by_length)
+        ratio = median_ratio(by_length[longest], by_length[shortest])
+        if ratio:
+            exponent = math.log(ratio) / math.log(longest / shortest)
+            lines.append(f"  {mechanism:<14} {pass_name:<17} t({longest})/t({shortest}) = {ratio:.2f}  (n^{exponent:.2f})")
+    return lines
 
 
 def print_table(rows: list[KernelRow]) -> None:
     import pandas as pd
 
+    def ms(value: float | None) -> str:
+        return "-" if value is None else f"{value:.3f}"
+
     table = pd.DataFrame([{
-        "mechanism": r.mechanism, "seq_len": r.seq_len, "pass": r.pass_,
-        "time_ms": "-" if r.time_ms is None else f"{r.time_ms:.3f}",
+        "mechanism": r.mechanism, "seq_len": r.seq_len, "pass": r.pass_, "time_ms": ms(r.time_ms),
+        "min-max_ms": "-" if r.time_ms is None else f"{r.time_ms_min:.1f}-{r.time_ms_max:.1f}",
+        "vs_sdpa": "-" if r.time_ratio_to_reference is None else f"{r.time_ratio_to_reference:.3f}",
         "peak_MiB": "-" if r.peak_memory_bytes is None else f"{r.peak_memory_bytes / 2**20:.2f}",
         "GFLOP/s": "-" if r.gflops_per_second is None else f"{r.gflops_per_second:.2f}", "status": r.status,
     } for r in rows])
@@ -251,24 +316,32 @@ def run(args: argparse.Namespace) -> int:
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"--out {out_dir} is a file, not a directory")
     first = cases[0]
-    print(f"tcompare bench kernels: {len(cases)} cases on {first['device']} ({first['threads']} threads), "
-          f"batch {first['batch']}, heads {first['heads']}, head_dim {first['head_dim']}, {first['dtype']}, "
+    print(f"tcompare bench kernels: {len(cases)} cases x {args.repeats} rounds on {first['device']} ({first['threads']} "
+          f"threads), batch {first['batch']}, heads {first['heads']}, head_dim {first['head_dim']}, {first['dtype']}, "
           f"{'causal' if first['causal'] else 'non-causal'}, position {first['position_embedding']}", file=sys.stderr)
-    rows: list[KernelRow] = []
-    failed_at: dict[tuple[str, str], str] = {}
-    for case in tqdm(cases, desc="bench kernels", unit="case", file=sys.stderr):
-        key = (case["mechanism"], case["pass"])
-        if case["refused"]:
-            result = {"status": f"refused: {case['refused']}"}
-        elif key in failed_at and not args.keep_going:
-            result = {"status": f"skipped ({failed_at[key]})"}
-        else:
-            result = run_child("transformer_comparison.bench.kernel_case", case, RESULT_PREFIX, args.timeout)
-            if result["status"] in FAILED_STATUSES:
-                failed_at.setdefault(key, f"{result['status']} at n={case['seq_len']}")
-        rows.append(make_row(case, result))
-        write_csv(out_dir / "kernels.csv", rows, KernelRow)
+    results: list[list[dict[str, Any]]] = [[] for _ in cases]
+    by_length = sorted(range(len(cases)), key=lambda i: cases[i]["seq_len"])  # stable: each mechanism's lengths ascend
+    failed_at: dict[tuple[str, str], tuple[int, str]] = {}
+    with tqdm(total=len(cases) * args.repeats, desc="bench kernels", unit="case", file=sys.stderr) as progress:
+        for _ in range(args.repeats):
+            for i in by_length:
+                case, rounds = cases[i], results[i]
+                progress.update(1)
+                if rounds and rounds[-1]["status"] != "ok":
+                    continue  # failed, refused or skipped: not run again
+                key, n = (case["mechanism"], case["pass"]), case["seq_len"]
+                if case["refused"]:
+                    result = {"status": f"refused: {case['refused']}"}
+                elif key in failed_at and failed_at[key][0] < n and not args.keep_going:
+                    result = {"status": f"skipped ({failed_at[key][1]})"}
+                else:
+                    result = run_child("transformer_comparison.bench.kernel_case", case, RESULT_PREFIX, args.timeout)
+                    if result["status"] in FAILED_STATUSES:
+                        failed_at.setdefault(key, (n, f"{result['status']} at n={n}"))
+                rounds.append(result)
+                write_csv(out_dir / "kernels.csv", summarise(cases, results), KernelRow)
 
+    rows = summarise(cases, results)
     print_table(rows)
     plot(rows, out_dir)
     cross = crossovers(rows)
@@ -277,5 +350,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"\ncrossover with {baseline_name()} (length from which the mechanism is cheaper):")
         for row in cross:
             print(f"  {row.mechanism:<14} {row.pass_:<17} {row.metric:<7} {row.crossover_seq_len}")
+    growth = time_growth(cases, results)
+    if growth:
+        print("\ntime growth from the shortest to the longest length (median of per-round ratios):")
+        print("\n".join(growth))
     print(f"\nwrote {out_dir / 'kernels.csv'}, kernels_crossover.csv, kernels_time.png, kernels_memory.png")
     return 0
