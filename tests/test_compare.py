@@ -267,6 +267,24 @@ def test_optional_steps_are_recorded_not_fatal(tiny_config, tmp_path, monkeypatc
     assert (record["status"], record["error"]) == ("failed", "exit 3: it broke")
 
 
+def test_the_kernel_benchmark_times_the_mechanisms_as_the_grid_configured_them(tiny_config, tmp_path):
+    """--bench passes every mechanism's options from the comparison's config to `bench kernels` (it once
+    looked for flags that no longer existed, and timed local at its default window whatever the grid said)."""
+    import argparse
+
+    from transformer_comparison.bench import kernels
+
+    plan = plan_for("--config", str(tiny_config), "--out", str(tmp_path / "cmp"), "--attention_types", "local,flash",
+                    "attention.local.window=24", "attention.flash.block_size=16")
+    arguments = extras.kernel_bench_arguments(plan, tmp_path / "bench")
+    assert "attention.local.window=24" in arguments and "attention.flash.block_size=16" in arguments
+    parser = argparse.ArgumentParser()
+    kernels.add_arguments(parser)
+    cases = kernels.build_cases(parser.parse_args(arguments))
+    assert {case["mechanism"]: case["options"] for case in cases} == {
+        "local": {"window": 24, "sinks": 0}, "flash": {"block_size": 16, "use_sdpa": False}}
+
+
 def test_kill_9_of_compare_leaves_no_trainer(tiny_config, tmp_path):
     out = tmp_path / "cmp"
     argv = compare_args(tiny_config, out, "--attention_types", "local", "--position_embeddings", "rope", "training.max_steps=1000000",

@@ -50,19 +50,14 @@ def bench_available(name: str) -> bool:
     return name in BENCHMARKS and available("bench", BENCHMARKS[name][0])
 
 
-def kernel_option_arguments(cfg: Config, mechanisms: list[str]) -> list[str]:
-    """The grid's mechanism options that `bench kernels` takes as flags (the first mechanism's value wins)."""
-    try:
-        from transformer_comparison.bench.kernels import OPTION_FLAGS
-    except ImportError:
-        return []
-    chosen: dict[str, Any] = {}
+def kernel_option_overrides(cfg: Config, mechanisms: list[str]) -> list[str]:
+    """Each mechanism's options in the comparison's config, as `bench kernels` overrides
+    (attention.<mechanism>.<option>=value), so the kernels are timed as the grid trained them."""
+    overrides = []
     for mechanism in mechanisms:
         options = kernel_options_for(with_overrides(cfg, [f"attention.type={mechanism}"]))
-        for name, value in options.items():
-            if name in OPTION_FLAGS and value is not None:
-                chosen.setdefault(name, value)
-    return [part for name, value in chosen.items() for part in (f"--{name}", str(value))]
+        overrides += [f"attention.{mechanism}.{name}={value}" for name, value in options.items() if value is not None]
+    return overrides
 
 
 def kernel_bench_arguments(plan: Plan, out_dir: Path) -> list[str]:
@@ -71,7 +66,7 @@ def kernel_bench_arguments(plan: Plan, out_dir: Path) -> list[str]:
     device = "auto" if cfg.training.device == "auto" else cfg.training.device.split(":")[0]
     return ["--out", str(out_dir), "--lengths", lengths, "--heads", str(cfg.model.num_heads),
             "--head_dim", str(cfg.model.d_model // cfg.model.num_heads), "--device", device,
-            "--mechanisms", ",".join(plan.attention_types), *kernel_option_arguments(cfg, plan.attention_types)]
+            "--mechanisms", ",".join(plan.attention_types), *kernel_option_overrides(cfg, plan.attention_types)]
 
 
 def eval_arguments(cfg: Config) -> list[str]:
