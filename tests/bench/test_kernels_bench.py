@@ -31,7 +31,7 @@ def test_end_to_end_writes_csv_and_plots(tmp_path: Path) -> None:
         ("dot_product", 32, "forward"), ("dot_product", 64, "forward"),
         ("dot_product", 32, "forward_backward"), ("dot_product", 64, "forward_backward"),
     ]
-    assert columns[-4:] == ["time_ms_min", "time_ms_max", "repeats", "time_ratio_to_reference"]
+    assert columns[-5:] == ["time_ms_min", "time_ms_max", "repeats", "time_ratio_to_reference", "round_times_ms"]
     for row in rows:
         assert row["status"] == "ok", row
         assert float(row["time_ms"]) > 0
@@ -55,6 +55,8 @@ def test_rounds_report_the_median_its_range_and_the_ratio_to_sdpa(tmp_path: Path
     for row in rows:
         assert row["status"] == "ok" and row["repeats"] == "2"
         assert float(row["time_ms_min"]) <= float(row["time_ms"]) <= float(row["time_ms_max"])
+        rounds = [float(t) for t in row["round_times_ms"].split()]
+        assert len(rounds) == 2 and (min(rounds), max(rounds)) == (float(row["time_ms_min"]), float(row["time_ms_max"]))
         assert float(row["time_ratio_to_reference"]) > 0
     assert [float(r["time_ratio_to_reference"]) for r in rows[2:]] == [1.0, 1.0]
     printed = capsys.readouterr().out
@@ -91,6 +93,7 @@ def test_the_ratio_to_sdpa_is_the_median_of_per_round_ratios() -> None:
     assert kernels.median_ratio(flash, sdpa) == 2.0
     combined = kernels.combine(flash)
     assert (combined["time_ms"], combined["time_ms_min"], combined["time_ms_max"], combined["repeats"]) == (12, 10, 40, 3)
+    assert combined["round_times_ms"] == "10.000 40.000 12.000"
     assert kernels.median_ratio(flash, [ok(5), {"status": "timeout"}]) == 2.0  # only rounds where both ran
     assert kernels.combine([ok(1), {"status": "oom"}])["status"] == "oom"
     cases = [case_for("flash", 64, "forward"), case_for("torch_sdpa", 64, "forward")]

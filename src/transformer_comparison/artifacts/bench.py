@@ -36,6 +36,7 @@ class KernelRow(_Row):
     time_ms_max: float | None = None
     repeats: int | None = None  # rounds the case ran ok in
     time_ratio_to_reference: float | None = None  # median over rounds of time / torch_sdpa's at the same length and pass
+    round_times_ms: str | None = None  # each round's time, in round order, space-separated
 
     model_config = ConfigDict(extra="ignore", populate_by_name=True)
 

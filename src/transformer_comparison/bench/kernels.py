@@ -171,6 +171,7 @@ def make_row(case: dict[str, Any], result: dict[str, Any], ratio_to_reference: f
         device=case["device"], threads=case["threads"], options=options_text(case["options"]),
         time_ms_min=result.get("time_ms_min", time_ms), time_ms_max=result.get("time_ms_max", time_ms),
         repeats=result.get("repeats", 1 if time_ms is not None else 0), time_ratio_to_reference=ratio_to_reference,
+        round_times_ms=result.get("round_times_ms", None if time_ms is None else f"{time_ms:.3f}"),
     )
 
 
@@ -183,7 +184,7 @@ def combine(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     times = [result["time_ms"] for result in rounds]
     largest = max(rounds, key=lambda result: result["peak_memory_bytes"] or 0)
     return {**largest, "time_ms": statistics.median(times), "time_ms_min": min(times), "time_ms_max": max(times),
-            "repeats": len(rounds)}
+            "repeats": len(rounds), "round_times_ms": " ".join(f"{t:.3f}" for t in times)}
 
 
 def median_ratio(numerator: list[dict[str, Any]], denominator: list[dict[str, Any]]) -> float | None:
