@@ -71,3 +71,18 @@ def test_bad_input_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert main(["bench", "train", "--config", str(tiny_config(tmp_path)), *args, "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err and not out.exists()
+
+
+def test_the_ratio_is_the_median_of_ratios_within_repeats(capsys: pytest.CaptureFixture[str]) -> None:
+    """A repeat's runs follow each other, so its ratio cancels a machine that slowed down for a while;
+    the ratio of the medians (52/50 here) would not."""
+    from transformer_comparison.artifacts.bench import TrainBenchRow
+    from transformer_comparison.bench.train import REFERENCE, print_summary
+
+    def row(name: str, repeat: int, ms: float) -> TrainBenchRow:
+        return TrainBenchRow(implementation=name, repeat=repeat, median_step_ms=ms, status="ok")
+
+    times = [(50.0, 40.0), (100.0, 90.0), (40.0, 52.0)]  # (reference, cell) per repeat: ratios 0.8, 0.9, 1.3
+    print_summary([r for i, (ref, cell) in enumerate(times) for r in (row(REFERENCE, i, ref), row("tcompare:x", i, cell))])
+    cell_line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("tcompare:x"))
+    assert cell_line.split()[-1] == "0.900"

@@ -8,7 +8,7 @@ e.g. `attention.flash.use_sdpa=true`). Both sides time windows of `--log_interva
 (wall clock, ending at the host sync of a logging step); the first `--warmup_windows` are dropped and
 a run's step time is the median of the rest. The machine's fp32 matmul peak is measured in the same
 run, so achieved FLOP/s (the model's 6N + 12 L d T per token) is also a fraction of what this CPU
-can do. The trainer keeps freed memory in its process (`allocator.py`); the reference runs with
+can do. A cell's ratio to the reference is the median over repeats of the ratio within a repeat. The trainer keeps freed memory in its process (`allocator.py`); the reference runs with
 glibc's defaults, as nanoGPT does, unless `--reference_keeps_freed_memory`, which isolates what the
 models themselves cost. Results: DIR/train_bench.csv, and the median ratios printed.
 """
@@ -180,7 +180,9 @@ def format_ms(value: float | None) -> str:
 
 
 def print_summary(rows: list[TrainBenchRow]) -> None:
-    """Per implementation: the median over repeats of its step time, and its ratio to the reference's."""
+    """Per implementation: the median over repeats of its step time, and its ratio to the reference's, the
+    median over repeats of the ratio within each repeat (a repeat's runs follow each other, so a
+    machine that slows down for a while moves both sides of that repeat's ratio)."""
     import pandas as pd
 
     ok = pd.DataFrame([r.model_dump() for r in rows if r.median_step_ms is not None])
@@ -192,5 +194,6 @@ def print_summary(rows: list[TrainBenchRow]) -> None:
         max_step_ms=("median_step_ms", "max"), tokens_per_second=("tokens_per_second", "median"),
         fraction_of_peak=("fraction_of_peak", "median"), runs=("repeat", "count"))
     if REFERENCE in table.index:
-        table["ratio_to_reference"] = table["median_step_ms"] / table.loc[REFERENCE, "median_step_ms"]
+        per_repeat = ok.pivot(index="repeat", columns="implementation", values="median_step_ms")
+        table["ratio_to_reference"] = per_repeat.div(per_repeat[REFERENCE], axis=0).median()
     print(table.to_string(float_format=lambda x: f"{x:.3f}"))
