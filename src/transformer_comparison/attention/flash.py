@@ -269,6 +269,7 @@ class _FlashFunction(torch.autograd.Function):
         k_flat, v_flat = k.flatten(0, 1), v.flatten(0, 1)
         q_rows = _to_rows(q, tiling.kv_heads) * (scale * LOG2_E)  # base-2 scores
         out, lse, entropy = _flash_forward(q_rows, k_flat, v_flat, tiling, need_entropy)
+        del q_rows  # not saved: the backward pass scales q again
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.tiling, ctx.scale = tiling, scale
         entropy = _from_rows(entropy, batch, heads).squeeze(-1) if need_entropy else q.new_empty(0)

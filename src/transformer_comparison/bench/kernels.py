@@ -3,12 +3,13 @@
 Every case (mechanism, seq_len, pass) runs in a fresh Python process (`bench/kernel_case.py`), which
 isolates out-of-memory and lets a per-case timeout kill it; a failing case is recorded with its status,
 never raised. The cases run `--repeats` rounds, each round every case once, ordered by length so
-that the kernels compared at one length run minutes apart at most: a machine whose speed drifts
-moves a round's cases alike. A case's time is the median of its rounds, and its ratio to torch's
-SDPA the median of the per-round ratios, which drift cancels from. The mechanisms are the registry's, with their options from the config schema (defaults,
-`--config FILE`, and `section.key=value` overrides such as `attention.local.window=128`), their
-key/value heads from their own policy and their FLOPs from their own model; torch's SDPA runs beside
-them as the reference. docs/benchmarks.md has the method and how to read the outputs:
+that the kernels compared at one length run close together: a machine whose speed drifts moves a
+round's cases alike. A case's time is the median of its rounds, and its ratio to torch's SDPA the
+median of the per-round ratios, which drift cancels from. The mechanisms are the registry's, with
+their options from the config schema (defaults, `--config FILE`, and `section.key=value` overrides
+such as `attention.local.window=128`), their key/value heads from their own policy and their FLOPs
+from their own model; torch's SDPA runs beside them as the reference. docs/benchmarks.md has the
+method and how to read the outputs:
 
     DIR/kernels.csv  kernels_crossover.csv  kernels_time.png  kernels_memory.png
 """
