@@ -46,20 +46,19 @@ def test_end_to_end_writes_csv_and_plots(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_rounds_report_the_median_its_range_and_the_ratio_to_sdpa(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "bench"
-    rc = main(["bench", "kernels", "--lengths", "32,64", "--mechanisms", "torch_sdpa", "--passes", "forward",
+    rc = main(["bench", "kernels", "--lengths", "32", "--mechanisms", "torch_sdpa", "--passes", "forward",
                "--out", str(out), "--min_run_time", "0.01", "--threads", "1", "--repeats", "2"])
     assert rc == 0
     _, rows = read_csv(out / "kernels.csv")
-    assert [(r["mechanism"], int(r["seq_len"])) for r in rows] == [("torch_sdpa", 32), ("torch_sdpa", 64)]
+    assert [(r["mechanism"], int(r["seq_len"])) for r in rows] == [("torch_sdpa", 32)]
     for row in rows:
         assert row["status"] == "ok" and row["repeats"] == "2"
         assert float(row["time_ms_min"]) <= float(row["time_ms"]) <= float(row["time_ms_max"])
         rounds = [float(t) for t in row["round_times_ms"].split()]
         assert len(rounds) == 2  # printed to the microsecond
         assert (min(rounds), max(rounds)) == pytest.approx((float(row["time_ms_min"]), float(row["time_ms_max"])), abs=1e-3)
-    assert [float(r["time_ratio_to_reference"]) for r in rows] == [1.0, 1.0]  # the reference against itself
-    printed = capsys.readouterr().out
-    assert "t(64)/t(32)" in printed and "vs_sdpa" in printed
+    assert float(rows[0]["time_ratio_to_reference"]) == 1.0  # the reference against itself, round by round
+    assert "vs_sdpa" in capsys.readouterr().out
 
 
 def test_rounds_alternate_lengths_and_do_not_rerun_failures(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
