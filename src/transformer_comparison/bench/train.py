@@ -8,9 +8,10 @@ e.g. `attention.flash.use_sdpa=true`). Both sides time windows of `--log_interva
 (wall clock, ending at the host sync of a logging step); the first `--warmup_windows` are dropped and
 a run's step time is the median of the rest. The machine's fp32 matmul peak is measured in the same
 run, so achieved FLOP/s (the model's 6N + 12 L d T per token) is also a fraction of what this CPU
-can do. A cell's ratio to the reference is the median over repeats of the ratio within a repeat. The trainer keeps freed memory in its process (`allocator.py`); the reference runs with
-glibc's defaults, as nanoGPT does, unless `--reference_keeps_freed_memory`, which isolates what the
-models themselves cost. Results: DIR/train_bench.csv, and the median ratios printed.
+can do. A cell's ratio to the reference is the median over repeats of the ratio within a repeat.
+The trainer keeps freed memory in its process (`allocator.py`); the reference runs with glibc's
+defaults, as nanoGPT does, unless `--reference_keeps_freed_memory`, which isolates what the models
+themselves cost. Results: DIR/train_bench.csv, and the median ratios printed.
 """
 
 from __future__ import annotations
