@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -31,7 +32,8 @@ def test_end_to_end_writes_csv_and_plots(tmp_path: Path) -> None:
         ("dot_product", 32, "forward"), ("dot_product", 64, "forward"),
         ("dot_product", 32, "forward_backward"), ("dot_product", 64, "forward_backward"),
     ]
-    assert columns[-5:] == ["time_ms_min", "time_ms_max", "repeats", "time_ratio_to_reference", "round_times_ms"]
+    assert columns[-6:] == ["time_ms_min", "time_ms_max", "repeats", "time_ratio_to_reference", "round_times_ms",
+                            "ratio_method"]
     for row in rows:
         assert row["status"] == "ok", row
         assert float(row["time_ms"]) > 0
@@ -46,11 +48,13 @@ def test_end_to_end_writes_csv_and_plots(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_rounds_report_the_median_its_range_and_the_ratio_to_sdpa(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "bench"
-    rc = main(["bench", "kernels", "--lengths", "32", "--mechanisms", "torch_sdpa", "--passes", "forward",
+    rc = main(["bench", "kernels", "--lengths", "32", "--mechanisms", "torch_sdpa,dot_product", "--passes", "forward",
                "--out", str(out), "--min_run_time", "0.01", "--threads", "1", "--repeats", "2"])
     assert rc == 0
     _, rows = read_csv(out / "kernels.csv")
-    assert [(r["mechanism"], int(r["seq_len"])) for r in rows] == [("torch_sdpa", 32)]
+    assert [(r["mechanism"], int(r["seq_len"])) for r in rows] == [("torch_sdpa", 32), ("dot_product", 32)]
+    assert [r["ratio_method"] for r in rows] == ["reference", "paired"]  # timed beside SDPA in its own process
+    assert float(rows[1]["time_ratio_to_reference"]) > 0
     for row in rows:
         assert row["status"] == "ok" and row["repeats"] == "2"
         assert float(row["time_ms_min"]) <= float(row["time_ms"]) <= float(row["time_ms_max"])
@@ -97,6 +101,67 @@ def test_the_ratio_to_sdpa_is_the_median_of_per_round_ratios() -> None:
     cases = [case_for("flash", 64, "forward"), case_for("torch_sdpa", 64, "forward")]
     flash_row, sdpa_row = kernels.summarise(cases, [flash, sdpa])
     assert flash_row.time_ratio_to_reference == 2.0 and sdpa_row.time_ratio_to_reference == 1.0
+
+
+class DriftingClock:
+    """A fake clock for `time_paired`: a kernel call costs 2 units, a reference call 1, and the machine
+    halves its speed after every pair of timed blocks (each block reads the clock twice: A A B B), so
+    the kernel's own times drift 2x per pair while each pair's ratio stays 2."""
+
+    def __init__(self) -> None:
+        self.now, self.slowdown, self.reads = 0.0, 1.0, 0
+
+    def __call__(self) -> float:
+        self.reads += 1
+        now = self.now
+        if self.reads % 4 == 0:
+            self.slowdown *= 2.0
+        return now
+
+    def cost(self, units: float) -> Callable[[], None]:
+        def call() -> None:
+            self.now += units * 1e-3 * self.slowdown
+        return call
+
+
+def test_paired_timing_cancels_drift_between_kernel_and_reference() -> None:
+    clock = DriftingClock()
+    time_s, ratio = kernel_case.time_paired(clock.cost(2.0), clock.cost(1.0), min_run_time=0.0, budget_s=60.0,
+                                            clock=clock)
+    assert ratio == pytest.approx(2.0)  # every pair saw one speed
+    assert time_s == pytest.approx(2e-3 * 4)  # the kernel's median block: pairs at slowdown 2, 4, 8 (the singles at 1)
+    assert clock.reads == 4 + 4 * kernel_case.MIN_PAIRS  # singles, then MIN_PAIRS pairs when min_run_time is 0
+
+
+def test_paired_timing_gives_up_when_the_reference_cannot_run() -> None:
+    def out_of_memory() -> None:
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 bytes")
+
+    clock = DriftingClock()
+    assert kernel_case.time_paired(clock.cost(1.0), out_of_memory, 0.0, 60.0, clock=clock) is None
+    slow = clock.cost(10_000.0)  # 10 s a call: three pairs would exceed the 20 s budget
+    assert kernel_case.time_paired(clock.cost(1.0), slow, 0.0, 20.0, clock=clock) is None
+
+    def broken() -> None:
+        raise ValueError("a bug, not a lack of memory")
+
+    with pytest.raises(ValueError):
+        kernel_case.time_paired(clock.cost(1.0), broken, 0.0, 60.0, clock=clock)
+
+
+def test_paired_ratios_take_precedence_over_per_round_ones() -> None:
+    def ok(ms: float, paired: float | None) -> dict:
+        return {"status": "ok", "time_ms": ms, "peak_memory_bytes": 10, "paired_ratio": paired}
+
+    flash, sdpa = [ok(10, 1.5), ok(40, 1.1), ok(12, 1.2)], [ok(5, None), ok(10, None), ok(8, None)]
+    case, reference = case_for("flash", 64, "forward"), case_for("torch_sdpa", 64, "forward")
+    assert kernels.ratio_to_reference(case, flash, sdpa) == (1.2, "paired")
+    flash[1]["paired_ratio"] = None  # one round could not pair: all rounds fall back to the cross-process ratio
+    assert kernels.ratio_to_reference(case, flash, sdpa) == (2.0, "rounds")
+    assert kernels.ratio_to_reference(case, flash, None) == (None, None)
+    assert kernels.ratio_to_reference(reference, sdpa, sdpa) == (1.0, "reference")
+    row = kernels.summarise([case, reference], [[ok(10, 1.5)], sdpa])[0]
+    assert (row.time_ratio_to_reference, row.ratio_method) == (1.5, "paired")
 
 
 def test_time_growth_is_the_median_of_per_round_ratios_with_its_exponent() -> None:

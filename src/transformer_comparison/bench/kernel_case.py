@@ -5,18 +5,28 @@ Inside the case: inputs are made with a fixed seed (q, k, v, the cotangent, and 
 mechanism that owns projections of the layer input, made by its own `layer_inputs` module from a
 random layer input and then held fixed), the pass runs at a small length to warm up, then once at
 full length under the memory measurement (`bench/memory.py`), then `torch.utils.benchmark.Timer`
-with `num_threads` set explicitly times it (`blocked_autorange`, median).
+with `num_threads` set explicitly times it.
+
+When the run compares with torch's SDPA (`case["pair_with"]`), the case times its kernel and SDPA
+alternately in this process, a block of calls each, A B A B (`time_paired`): the machine's speed
+drifts over seconds, and a pair of blocks a few hundred milliseconds apart sees the same machine, so
+the median of the per-pair ratios is what the kernel costs against SDPA, drift cancelled. The
+kernel's time is the median over its blocks. Without a reference (or when SDPA cannot run the case,
+out of memory or over `pair_budget_s`), `blocked_autorange` times the kernel alone (median).
 """
 
 from __future__ import annotations
 
+import statistics
 import sys
+import timeit
 from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.benchmark.utils.timer import timer as torch_timer
 
 from transformer_comparison.attention import build_attention
 from transformer_comparison.attention.bias import clear_bias_cache, offsets, position_bias
@@ -26,6 +36,8 @@ from transformer_comparison.position import build_position
 
 REFERENCE = "torch_sdpa"  # torch.nn.functional.scaled_dot_product_attention
 RESULT_PREFIX = "TCOMPARE_CASE_RESULT "
+MIN_PAIRS = 3  # paired blocks of kernel and reference, at least
+BLOCK_SECONDS = 0.05  # a block repeats the call until it takes about this long
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
@@ -124,10 +136,58 @@ def measure_case(case: dict[str, Any]) -> dict[str, Any]:
     inputs, extra = make_inputs(case, case["seq_len"], attn)
     step = make_step(attn, inputs, extra, case["causal"], case["pass"], position)
     peak = measure_peak(step, device, track=inputs + list(extra.values()))
+    result = {"status": "ok", "peak_memory_bytes": peak.bytes, "peak_rss_delta_bytes": peak.rss_bytes,
+              "memory_method": peak.method, "paired_ratio": None}
+    reference_step = _reference_step(case, position)
+    if reference_step is not None:
+        paired = time_paired(step, reference_step, case["min_run_time"], case["pair_budget_s"])
+        if paired is not None:
+            time_s, result["paired_ratio"] = paired
+            return {**result, "time_ms": time_s * 1e3}
     timer = benchmark.Timer(stmt="step()", globals={"step": step}, num_threads=case["threads"])
-    measurement = timer.blocked_autorange(min_run_time=case["min_run_time"])
-    return {"status": "ok", "time_ms": measurement.median * 1e3, "peak_memory_bytes": peak.bytes,
-            "peak_rss_delta_bytes": peak.rss_bytes, "memory_method": peak.method}
+    return {**result, "time_ms": timer.blocked_autorange(min_run_time=case["min_run_time"]).median * 1e3}
+
+
+def _reference_step(case: dict[str, Any], position: dict[str, Any]) -> Callable[[], Any] | None:
+    """torch's SDPA on the reference's own inputs at the case's length (its kv heads, no extras), or None
+    when the case is not paired."""
+    if case.get("pair_with") is None:
+        return None
+    reference_case = {**case, "kv_heads": case["pair_with"]["kv_heads"]}
+    inputs, _ = make_inputs(reference_case, case["seq_len"], reference_sdpa)
+    return make_step(reference_sdpa, inputs, {}, case["causal"], case["pass"], position)
+
+
+def time_paired(
+    step: Callable[[], Any], reference: Callable[[], Any], min_run_time: float, budget_s: float,
+    clock: Callable[[], float] = torch_timer,
+) -> tuple[float, float] | None:
+    """(seconds per call of step, median over pairs of step / reference), timed in blocks alternately,
+    A B A B, until there are MIN_PAIRS pairs and step has run min_run_time seconds. None when the
+    reference runs out of memory, or when MIN_PAIRS single calls of both would exceed budget_s.
+
+    Blocks are the standard library's `timeit` (garbage collection off) on torch's clock, which
+    synchronises CUDA; both functions have already run once at full length (the memory measurement)."""
+    from transformer_comparison.resources import is_out_of_memory
+
+    timers = [timeit.Timer(fn, timer=clock) for fn in (step, reference)]
+    try:
+        singles = [timer.timeit(1) for timer in timers]  # the reference's first call at this length
+    except Exception as error:
+        if is_out_of_memory(error):
+            return None
+        raise
+    if MIN_PAIRS * sum(singles) > budget_s:
+        return None
+    numbers = [max(1, round(BLOCK_SECONDS / max(single, 1e-9))) for single in singles]
+    step_times: list[float] = []
+    ratios: list[float] = []
+    while len(ratios) < MIN_PAIRS or sum(step_times) * numbers[0] < min_run_time:
+        mine = timers[0].timeit(numbers[0]) / numbers[0]
+        theirs = timers[1].timeit(numbers[1]) / numbers[1]
+        step_times.append(mine)
+        ratios.append(mine / theirs)
+    return statistics.median(step_times), statistics.median(ratios)
 
 
 def main(argv: list[str] | None = None) -> int:

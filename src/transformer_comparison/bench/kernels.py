@@ -131,6 +131,10 @@ def build_cases(args: argparse.Namespace) -> list[dict[str, Any]]:
     device = resolve_device(args.device)
     threads = args.threads or torch.get_num_threads()
 
+    # Every kernel is timed against torch's SDPA in its own process when SDPA is in the run (kernel_case.py).
+    pair_with = None
+    if REFERENCE in mechanisms:
+        pair_with = {"kv_heads": mechanism_setup(REFERENCE, cfg, args.heads, args.kv_heads)[1]}
     cases = []
     for mechanism in mechanisms:
         options, kv_heads = mechanism_setup(mechanism, cfg, args.heads, args.kv_heads)
@@ -143,6 +147,7 @@ def build_cases(args: argparse.Namespace) -> list[dict[str, Any]]:
                     "position_embedding": position, "position_options": position_options_for(cfg),
                     "device": device, "threads": threads, "min_run_time": args.min_run_time,
                     "memory_limit": memory_limit, "options": options, "refused": refused,
+                    "pair_with": None if mechanism == REFERENCE else pair_with, "pair_budget_s": args.timeout / 4,
                 })
     return cases
 
@@ -159,7 +164,8 @@ def attention_flops(case: dict[str, Any]) -> float:
     return forward * (3 if case["pass"] == "forward_backward" else 1)
 
 
-def make_row(case: dict[str, Any], result: dict[str, Any], ratio_to_reference: float | None = None) -> KernelRow:
+def make_row(case: dict[str, Any], result: dict[str, Any], ratio_to_reference: float | None = None,
+             ratio_method: str | None = None) -> KernelRow:
     time_ms = result.get("time_ms")
     flops = attention_flops(case)
     return KernelRow(
@@ -173,6 +179,7 @@ def make_row(case: dict[str, Any], result: dict[str, Any], ratio_to_reference: f
         time_ms_min=result.get("time_ms_min", time_ms), time_ms_max=result.get("time_ms_max", time_ms),
         repeats=result.get("repeats", 1 if time_ms is not None else 0), time_ratio_to_reference=ratio_to_reference,
         round_times_ms=result.get("round_times_ms", None if time_ms is None else f"{time_ms:.3f}"),
+        ratio_method=ratio_method,
     )
 
 
@@ -196,16 +203,31 @@ def median_ratio(numerator: list[dict[str, Any]], denominator: list[dict[str, An
     return statistics.median(ratios) if ratios else None
 
 
+def ratio_to_reference(
+    case: dict[str, Any], rounds: list[dict[str, Any]], baseline: list[dict[str, Any]] | None,
+) -> tuple[float | None, str | None]:
+    """(ratio, method) of a case against torch_sdpa: "paired", the median over rounds of the ratio timed
+    alternately in the case's own process, when every round that ran ok has one; otherwise "rounds", the
+    median of per-round ratios to torch_sdpa's own case (`median_ratio`); "reference" for torch_sdpa."""
+    if case["mechanism"] == REFERENCE:
+        return 1.0, "reference"
+    paired = [result.get("paired_ratio") for result in rounds if result["status"] == "ok"]
+    if paired and all(ratio is not None for ratio in paired):
+        return statistics.median(paired), "paired"
+    ratio = median_ratio(rounds, baseline) if baseline else None
+    return ratio, None if ratio is None else "rounds"
+
+
 def summarise(cases: list[dict[str, Any]], results: list[list[dict[str, Any]]]) -> list[KernelRow]:
-    """A row per case that has run at least once, in the cases' order, with its median ratio to torch_sdpa
-    at the same length and pass (when torch_sdpa is among the mechanisms)."""
+    """A row per case that has run at least once, in the cases' order, with its ratio to torch_sdpa at the
+    same length and pass (when torch_sdpa is among the mechanisms; `ratio_to_reference`)."""
     reference = {(case["seq_len"], case["pass"]): rounds
                  for case, rounds in zip(cases, results) if case["mechanism"] == REFERENCE}
     rows = []
     for case, rounds in zip(cases, results):
         if rounds:
-            baseline = reference.get((case["seq_len"], case["pass"]))
-            rows.append(make_row(case, combine(rounds), median_ratio(rounds, baseline) if baseline else None))
+            ratio, method = ratio_to_reference(case, rounds, reference.get((case["seq_len"], case["pass"])))
+            rows.append(make_row(case, combine(rounds), ratio, method))
     return rows
 
 
@@ -237,7 +259,8 @@ def print_table(rows: list[KernelRow]) -> None:
     table = pd.DataFrame([{
         "mechanism": r.mechanism, "seq_len": r.seq_len, "pass": r.pass_, "time_ms": ms(r.time_ms),
         "min-max_ms": "-" if r.time_ms is None else f"{r.time_ms_min:.1f}-{r.time_ms_max:.1f}",
-        "vs_sdpa": "-" if r.time_ratio_to_reference is None else f"{r.time_ratio_to_reference:.3f}",
+        "vs_sdpa": "-" if r.time_ratio_to_reference is None
+        else f"{r.time_ratio_to_reference:.3f}{'*' if r.ratio_method == 'rounds' else ''}",
         "peak_MiB": "-" if r.peak_memory_bytes is None else f"{r.peak_memory_bytes / 2**20:.2f}",
         "GFLOP/s": "-" if r.gflops_per_second is None else f"{r.gflops_per_second:.2f}", "status": r.status,
     } for r in rows])
@@ -345,6 +368,9 @@ def run(args: argparse.Namespace) -> int:
 
     rows = summarise(cases, results)
     print_table(rows)
+    if any(row.ratio_method in ("paired", "rounds") for row in rows):
+        print("vs_sdpa: time / torch_sdpa's, median over rounds; each round times the kernel and torch_sdpa alternately "
+              "in the kernel's process (* where that was not possible: against torch_sdpa's own case in the round)")
     plot(rows, out_dir)
     cross = crossovers(rows)
     write_csv(out_dir / "kernels_crossover.csv", cross, CrossoverRow)
