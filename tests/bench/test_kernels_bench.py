@@ -32,8 +32,8 @@ def test_end_to_end_writes_csv_and_plots(tmp_path: Path) -> None:
         ("dot_product", 32, "forward"), ("dot_product", 64, "forward"),
         ("dot_product", 32, "forward_backward"), ("dot_product", 64, "forward_backward"),
     ]
-    assert columns[-6:] == ["time_ms_min", "time_ms_max", "repeats", "time_ratio_to_reference", "round_times_ms",
-                            "ratio_method"]
+    assert columns[-7:] == ["time_ms_min", "time_ms_max", "repeats", "time_ratio_to_reference", "round_times_ms",
+                            "ratio_method", "round_ratios"]
     for row in rows:
         assert row["status"] == "ok", row
         assert float(row["time_ms"]) > 0
@@ -54,7 +54,9 @@ def test_rounds_report_the_median_its_range_and_the_ratio_to_sdpa(tmp_path: Path
     _, rows = read_csv(out / "kernels.csv")
     assert [(r["mechanism"], int(r["seq_len"])) for r in rows] == [("torch_sdpa", 32), ("dot_product", 32)]
     assert [r["ratio_method"] for r in rows] == ["reference", "paired"]  # timed beside SDPA in its own process
-    assert float(rows[1]["time_ratio_to_reference"]) > 0
+    paired = [float(ratio) for ratio in rows[1]["round_ratios"].split()]
+    assert len(paired) == 2 and all(ratio > 0 for ratio in paired)
+    assert float(rows[1]["time_ratio_to_reference"]) == pytest.approx(sum(paired) / 2, abs=1e-3)  # median of two
     for row in rows:
         assert row["status"] == "ok" and row["repeats"] == "2"
         assert float(row["time_ms_min"]) <= float(row["time_ms"]) <= float(row["time_ms_max"])
@@ -155,13 +157,15 @@ def test_paired_ratios_take_precedence_over_per_round_ones() -> None:
 
     flash, sdpa = [ok(10, 1.5), ok(40, 1.1), ok(12, 1.2)], [ok(5, None), ok(10, None), ok(8, None)]
     case, reference = case_for("flash", 64, "forward"), case_for("torch_sdpa", 64, "forward")
-    assert kernels.ratio_to_reference(case, flash, sdpa) == (1.2, "paired")
+    assert kernels.ratios_to_reference(case, flash, sdpa) == ([1.5, 1.1, 1.2], "paired")
     flash[1]["paired_ratio"] = None  # one round could not pair: all rounds fall back to the cross-process ratio
-    assert kernels.ratio_to_reference(case, flash, sdpa) == (2.0, "rounds")
-    assert kernels.ratio_to_reference(case, flash, None) == (None, None)
-    assert kernels.ratio_to_reference(reference, sdpa, sdpa) == (1.0, "reference")
-    row = kernels.summarise([case, reference], [[ok(10, 1.5)], sdpa])[0]
-    assert (row.time_ratio_to_reference, row.ratio_method) == (1.5, "paired")
+    assert kernels.ratios_to_reference(case, flash, sdpa) == ([2.0, 4.0, 1.5], "rounds")
+    assert kernels.ratios_to_reference(case, flash, None) == ([], None)
+    assert kernels.ratios_to_reference(reference, sdpa, sdpa) == ([1.0, 1.0, 1.0], "reference")
+    flash_row, sdpa_row = kernels.summarise([case, reference], [[ok(10, 1.5), ok(12, 1.3)], sdpa])
+    assert flash_row.time_ratio_to_reference == pytest.approx(1.4)
+    assert (flash_row.ratio_method, flash_row.round_ratios) == ("paired", "1.500 1.300")
+    assert (sdpa_row.time_ratio_to_reference, sdpa_row.ratio_method) == (1.0, "reference")
 
 
 def test_time_growth_is_the_median_of_per_round_ratios_with_its_exponent() -> None:

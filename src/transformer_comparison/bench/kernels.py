@@ -164,7 +164,7 @@ def attention_flops(case: dict[str, Any]) -> float:
     return forward * (3 if case["pass"] == "forward_backward" else 1)
 
 
-def make_row(case: dict[str, Any], result: dict[str, Any], ratio_to_reference: float | None = None,
+def make_row(case: dict[str, Any], result: dict[str, Any], ratios: list[float] | None = None,
              ratio_method: str | None = None) -> KernelRow:
     time_ms = result.get("time_ms")
     flops = attention_flops(case)
@@ -177,7 +177,9 @@ def make_row(case: dict[str, Any], result: dict[str, Any], ratio_to_reference: f
         kv_heads=case["kv_heads"], head_dim=case["head_dim"], causal=case["causal"], dtype=case["dtype"],
         device=case["device"], threads=case["threads"], options=options_text(case["options"]),
         time_ms_min=result.get("time_ms_min", time_ms), time_ms_max=result.get("time_ms_max", time_ms),
-        repeats=result.get("repeats", 1 if time_ms is not None else 0), time_ratio_to_reference=ratio_to_reference,
+        repeats=result.get("repeats", 1 if time_ms is not None else 0),
+        time_ratio_to_reference=statistics.median(ratios) if ratios else None,
+        round_ratios=" ".join(f"{ratio:.3f}" for ratio in ratios) if ratios else None,
         round_times_ms=result.get("round_times_ms", None if time_ms is None else f"{time_ms:.3f}"),
         ratio_method=ratio_method,
     )
@@ -195,39 +197,45 @@ def combine(rounds: list[dict[str, Any]]) -> dict[str, Any]:
             "repeats": len(rounds), "round_times_ms": " ".join(f"{t:.3f}" for t in times)}
 
 
+def round_ratios(numerator: list[dict[str, Any]], denominator: list[dict[str, Any]]) -> list[float]:
+    """numerator / denominator time per round, from the rounds where both ran ok (the lists are round by
+    round: a case that failed is not run again, so its list stops there)."""
+    return [a["time_ms"] / b["time_ms"] for a, b in zip(numerator, denominator)
+            if a["status"] == b["status"] == "ok" and b["time_ms"] > 0]
+
+
 def median_ratio(numerator: list[dict[str, Any]], denominator: list[dict[str, Any]]) -> float | None:
-    """Median over rounds of numerator / denominator time, from the rounds where both ran ok (the lists are
-    round by round: a case that failed is not run again, so its list stops there); None if there are none."""
-    ratios = [a["time_ms"] / b["time_ms"] for a, b in zip(numerator, denominator)
-              if a["status"] == b["status"] == "ok" and b["time_ms"] > 0]
+    """Median over rounds of numerator / denominator time (`round_ratios`); None if no round has both."""
+    ratios = round_ratios(numerator, denominator)
     return statistics.median(ratios) if ratios else None
 
 
-def ratio_to_reference(
+def ratios_to_reference(
     case: dict[str, Any], rounds: list[dict[str, Any]], baseline: list[dict[str, Any]] | None,
-) -> tuple[float | None, str | None]:
-    """(ratio, method) of a case against torch_sdpa: "paired", the median over rounds of the ratio timed
-    alternately in the case's own process, when every round that ran ok has one; otherwise "rounds", the
-    median of per-round ratios to torch_sdpa's own case (`median_ratio`); "reference" for torch_sdpa."""
+) -> tuple[list[float], str | None]:
+    """(per-round ratios, method) of a case against torch_sdpa: "paired", each round's ratio timed
+    alternately in the case's own process, when every round that ran ok has one; otherwise "rounds",
+    each round's time over torch_sdpa's own case in that round (`round_ratios`); "reference" for torch_sdpa."""
     if case["mechanism"] == REFERENCE:
-        return 1.0, "reference"
+        return [1.0 for result in rounds if result["status"] == "ok"], "reference"
     paired = [result.get("paired_ratio") for result in rounds if result["status"] == "ok"]
     if paired and all(ratio is not None for ratio in paired):
-        return statistics.median(paired), "paired"
-    ratio = median_ratio(rounds, baseline) if baseline else None
-    return ratio, None if ratio is None else "rounds"
+        return [float(ratio) for ratio in paired if ratio is not None], "paired"
+    ratios = round_ratios(rounds, baseline) if baseline else []
+    return ratios, "rounds" if ratios else None
 
 
 def summarise(cases: list[dict[str, Any]], results: list[list[dict[str, Any]]]) -> list[KernelRow]:
     """A row per case that has run at least once, in the cases' order, with its ratio to torch_sdpa at the
-    same length and pass (when torch_sdpa is among the mechanisms; `ratio_to_reference`)."""
+    same length and pass (when torch_sdpa is among the mechanisms; `ratios_to_reference`): the median of
+    its per-round ratios, which the row also lists."""
     reference = {(case["seq_len"], case["pass"]): rounds
                  for case, rounds in zip(cases, results) if case["mechanism"] == REFERENCE}
     rows = []
     for case, rounds in zip(cases, results):
         if rounds:
-            ratio, method = ratio_to_reference(case, rounds, reference.get((case["seq_len"], case["pass"])))
-            rows.append(make_row(case, combine(rounds), ratio, method))
+            ratios, method = ratios_to_reference(case, rounds, reference.get((case["seq_len"], case["pass"])))
+            rows.append(make_row(case, combine(rounds), ratios, method))
     return rows
 
 
