@@ -151,6 +151,21 @@ def test_paired_timing_gives_up_when_the_reference_cannot_run() -> None:
         kernel_case.time_paired(clock.cost(1.0), broken, 0.0, 60.0, clock=clock)
 
 
+def test_a_kernel_whose_reference_cannot_be_built_is_timed_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """SDPA's inputs failing to allocate beside the kernel costs the pairing, not the kernel's result."""
+    make_inputs = kernel_case.make_inputs
+
+    def reference_out_of_memory(case: dict, n: int, attn: object) -> tuple:
+        if attn is kernel_case.reference_sdpa:
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 bytes")
+        return make_inputs(case, n, attn)
+
+    monkeypatch.setattr(kernel_case, "make_inputs", reference_out_of_memory)
+    case = {**case_for("dot_product", 32, "forward"), "memory_limit": None, "pair_with": {"kv_heads": 8}}
+    result = kernel_case.measure_case(case)
+    assert result["status"] == "ok" and result["time_ms"] > 0 and result["paired_ratio"] is None
+
+
 def test_paired_ratios_take_precedence_over_per_round_ones() -> None:
     def ok(ms: float, paired: float | None) -> dict:
         return {"status": "ok", "time_ms": ms, "peak_memory_bytes": 10, "paired_ratio": paired}

@@ -35,9 +35,9 @@ class KernelRow(_Row):
     time_ms_min: float | None = None  # time_ms is the median over the case's rounds (--repeats); these its range
     time_ms_max: float | None = None
     repeats: int | None = None  # rounds the case ran ok in
-    time_ratio_to_reference: float | None = None  # median over rounds of time / torch_sdpa's at the same length and pass (ratio_method)
+    time_ratio_to_reference: float | None = None  # median over rounds of time / torch_sdpa's (same length and pass)
     round_times_ms: str | None = None  # each round's time, in round order, space-separated
-    ratio_method: str | None = None  # "paired" (timed alternately with torch_sdpa in one process), "rounds" or "reference"
+    ratio_method: str | None = None  # "paired" (alternately with torch_sdpa in one process), "rounds" or "reference"
     round_ratios: str | None = None  # each round's ratio to torch_sdpa (time_ratio_to_reference is their median)
 
     model_config = ConfigDict(extra="ignore", populate_by_name=True)

@@ -138,24 +138,30 @@ def measure_case(case: dict[str, Any]) -> dict[str, Any]:
     peak = measure_peak(step, device, track=inputs + list(extra.values()))
     result = {"status": "ok", "peak_memory_bytes": peak.bytes, "peak_rss_delta_bytes": peak.rss_bytes,
               "memory_method": peak.method, "paired_ratio": None}
-    reference_step = _reference_step(case, position)
-    if reference_step is not None:
-        paired = time_paired(step, reference_step, case["min_run_time"], case["pair_budget_s"])
-        if paired is not None:
-            time_s, result["paired_ratio"] = paired
-            return {**result, "time_ms": time_s * 1e3}
+    paired = _time_beside_reference(case, step, position) if case.get("pair_with") is not None else None
+    if paired is not None:
+        time_s, result["paired_ratio"] = paired
+        return {**result, "time_ms": time_s * 1e3}
     timer = benchmark.Timer(stmt="step()", globals={"step": step}, num_threads=case["threads"])
     return {**result, "time_ms": timer.blocked_autorange(min_run_time=case["min_run_time"]).median * 1e3}
 
 
-def _reference_step(case: dict[str, Any], position: dict[str, Any]) -> Callable[[], Any] | None:
-    """torch's SDPA on the reference's own inputs at the case's length (its kv heads, no extras), or None
-    when the case is not paired."""
-    if case.get("pair_with") is None:
-        return None
+def _time_beside_reference(
+    case: dict[str, Any], step: Callable[[], Any], position: dict[str, Any],
+) -> tuple[float, float] | None:
+    """`time_paired` against torch's SDPA on the reference's own inputs at the case's length (its kv heads,
+    no extras); None when SDPA cannot run beside the kernel (its inputs or its call out of memory, or too slow)."""
+    from transformer_comparison.resources import is_out_of_memory
+
     reference_case = {**case, "kv_heads": case["pair_with"]["kv_heads"]}
-    inputs, _ = make_inputs(reference_case, case["seq_len"], reference_sdpa)
-    return make_step(reference_sdpa, inputs, {}, case["causal"], case["pass"], position)
+    try:
+        inputs, _ = make_inputs(reference_case, case["seq_len"], reference_sdpa)
+    except Exception as error:
+        if is_out_of_memory(error):
+            return None
+        raise
+    reference = make_step(reference_sdpa, inputs, {}, case["causal"], case["pass"], position)
+    return time_paired(step, reference, case["min_run_time"], case["pair_budget_s"])
 
 
 def time_paired(
@@ -167,7 +173,7 @@ def time_paired(
     reference runs out of memory, or when MIN_PAIRS single calls of both would exceed budget_s.
 
     Blocks are the standard library's `timeit` (garbage collection off) on torch's clock, which
-    synchronises CUDA; both functions have already run once at full length (the memory measurement)."""
+    synchronises CUDA; step has already run at full length (the memory measurement)."""
     from transformer_comparison.resources import is_out_of_memory
 
     timers = [timeit.Timer(fn, timer=clock) for fn in (step, reference)]
