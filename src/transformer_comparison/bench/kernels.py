@@ -2,10 +2,12 @@
 
 Every case (mechanism, seq_len, pass) runs in a fresh Python process (`bench/kernel_case.py`), which
 isolates out-of-memory and lets a per-case timeout kill it; a failing case is recorded with its status,
-never raised. The cases run `--repeats` rounds, each round every case once, ordered by length so
-that the kernels compared at one length run close together: a machine whose speed drifts moves a
-round's cases alike. A case's time is the median of its rounds, and its ratio to torch's SDPA the
-median of the per-round ratios, which drift cancels from. The mechanisms are the registry's, with
+never raised. The cases run `--repeats` rounds, each round every case once, ordered by length. A
+case's time is the median of its rounds. Its ratio to torch's SDPA is the median of per-round
+ratios, and each round's ratio is timed inside the case's process, the kernel and SDPA alternately
+(`kernel_case.time_paired`), so that a machine whose speed drifts moves both sides of it alike;
+where SDPA cannot run beside the kernel, the round's ratio is against SDPA's own case in that round.
+The mechanisms are the registry's, with
 their options from the config schema (defaults, `--config FILE`, and `section.key=value` overrides
 such as `attention.local.window=128`), their key/value heads from their own policy and their FLOPs
 from their own model; torch's SDPA runs beside them as the reference. docs/benchmarks.md has the
@@ -66,7 +68,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min_run_time", type=float, default=1.0, help="seconds of timed runs per case (default: %(default)s)")
     parser.add_argument("--repeats", type=int, default=3,
                         help="rounds over every case, each case in a fresh process every round; a case's time is the "
-                             "median over rounds, its ratio to torch_sdpa the median of per-round ratios (default: %(default)s)")
+                             "median over rounds, its ratio to torch_sdpa the median of per-round ratios, each timed "
+                             "alternately with torch_sdpa in the case's process (default: %(default)s)")
     parser.add_argument("--memory_limit", default="auto",
                         help="GiB a CPU case may allocate before it fails as oom: a number, 'auto' (90%% of available "
                              "memory when the case starts) or 'none'")
