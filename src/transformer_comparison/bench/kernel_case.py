@@ -33,6 +33,7 @@ from transformer_comparison.attention.bias import clear_bias_cache, offsets, pos
 from transformer_comparison.bench.common import child_main
 from transformer_comparison.numerics import prepare_process
 from transformer_comparison.position import build_position
+from transformer_comparison.resources import is_out_of_memory
 
 REFERENCE = "torch_sdpa"  # torch.nn.functional.scaled_dot_product_attention
 RESULT_PREFIX = "TCOMPARE_CASE_RESULT "
@@ -151,8 +152,6 @@ def _time_beside_reference(
 ) -> tuple[float, float] | None:
     """`time_paired` against torch's SDPA on the reference's own inputs at the case's length (its kv heads,
     no extras); None when SDPA cannot run beside the kernel (its inputs or its call out of memory, or too slow)."""
-    from transformer_comparison.resources import is_out_of_memory
-
     reference_case = {**case, "kv_heads": case["pair_with"]["kv_heads"]}
     try:
         inputs, _ = make_inputs(reference_case, case["seq_len"], reference_sdpa)
@@ -174,8 +173,6 @@ def time_paired(
 
     Blocks are the standard library's `timeit` (garbage collection off) on torch's clock, which
     synchronises CUDA; step has already run at full length (the memory measurement)."""
-    from transformer_comparison.resources import is_out_of_memory
-
     timers = [timeit.Timer(fn, timer=clock) for fn in (step, reference)]
     try:
         singles = [timer.timeit(1) for timer in timers]  # the reference's first call at this length
