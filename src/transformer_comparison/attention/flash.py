@@ -105,7 +105,7 @@ class _Tiling:
     ) -> Tensor:
         """Biased, masked scores of one tile in base 2, (B*KV, nq_block*G, nk_block); q_rows is pre-scaled
         by log2(e) / sqrt(d). shift (B*KV, nq_block*G, 1), if given, is added to every row in the matmul."""
-        scores = q_rows @ k_block.mT if shift is None else torch.baddbmm(shift, q_rows, k_block.mT)
+        scores = torch.bmm(q_rows, k_block.mT) if shift is None else torch.baddbmm(shift, q_rows, k_block.mT)
         if not self.biased(masked):
             return scores
         n_rows, n_keys = q_rows.shape[1] // self.groups, k_block.shape[1]
@@ -150,7 +150,7 @@ class _OnlineSoftmax:
         self.m = scores.amax(-1, keepdim=True)
         p = _tile_exp2_(scores.sub_(self.m), biased)
         self.l = p.sum(-1, keepdim=True)
-        self.acc = p @ v_block
+        self.acc = torch.bmm(p, v_block)
         self.plogp = torch.xlogy(p, p).sum(-1, keepdim=True) if need_entropy else None
 
     def update(self, scores: Tensor, v_block: Tensor, biased: bool) -> None:
@@ -201,9 +201,9 @@ def _flash_forward(
     entropy = torch.empty_like(lse) if need_entropy else None
     for q_start, q_end in tiling.query_blocks(q_rows.shape[1] // groups):
         rows = slice(q_start * groups, q_end * groups)
-        softmax = None
+        q_block, softmax = q_rows[:, rows].contiguous(), None
         for k_start, k_end, masked in tiling.key_blocks(q_start, q_end, nk):
-            scores = tiling.scores(q_rows[:, rows], k[:, k_start:k_end], q_start, k_start, masked)
+            scores = tiling.scores(q_block, k[:, k_start:k_end], q_start, k_start, masked)
             if softmax is None:
                 softmax = _OnlineSoftmax(scores, v[:, k_start:k_end], need_entropy, tiling.biased(masked))
             else:
@@ -234,12 +234,13 @@ def _flash_backward(
     for q_start, q_end in tiling.query_blocks(q_rows.shape[1] // groups):
         rows = slice(q_start * groups, q_end * groups)
         q_block, grad_out_block = q_rows[:, rows].contiguous(), grad_out[:, rows].contiguous()
+        neg_lse_block, neg_delta_block = neg_lse[:, rows].contiguous(), neg_delta[:, rows].contiguous()
         grad_q_block = torch.zeros_like(q_block)
         for k_start, k_end, masked in tiling.key_blocks(q_start, q_end, nk):
             keys = slice(k_start, k_end)
-            scores = tiling.scores(q_block, k[:, keys], q_start, k_start, masked, shift=neg_lse[:, rows])
+            scores = tiling.scores(q_block, k[:, keys], q_start, k_start, masked, shift=neg_lse_block)
             probs = _tile_exp2_(scores, tiling.biased(masked))
-            grad_scores = torch.baddbmm(neg_delta[:, rows], grad_out_block, v[:, keys].mT).mul_(probs)
+            grad_scores = torch.baddbmm(neg_delta_block, grad_out_block, v[:, keys].mT).mul_(probs)
             grad_q_block.baddbmm_(grad_scores, k[:, keys])
             block, width = k_start // tiling.block, k_end - k_start  # a causal block can end early
             grad_v_blocks[block][:, :width].baddbmm_(probs.mT, grad_out_block)
