@@ -15,8 +15,11 @@ $(STAMP): requirements.txt requirements-reference.txt pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/tcompare compare --config configs/config.yaml --preset quick --out results/quick
 
+# The suite's slow tests start processes (each imports torch, 3-4 s on a slow host) and leave a core idle:
+# pytest-xdist runs them on every core (at most 4 workers, to bound memory on a large host),
+# work-stealing so that no one long file ends the run alone.
 test: $(STAMP)
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q -n auto --maxprocesses 4 --dist worksteal
 
 bench: $(STAMP)
 	$(VENV)/bin/tcompare bench kernels --out results/bench
