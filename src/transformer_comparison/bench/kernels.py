@@ -6,7 +6,8 @@ never raised. The cases run `--repeats` rounds, each round every case once, orde
 case's time is the median of its rounds. Its ratio to torch's SDPA is the median of per-round
 ratios, and each round's ratio is timed inside the case's process, the kernel and SDPA alternately
 (`kernel_case.time_paired`), so that a machine whose speed drifts moves both sides of it alike;
-where SDPA cannot run beside the kernel, the round's ratio is against SDPA's own case in that round.
+where SDPA cannot run beside the kernel in some round, every round's ratio is against SDPA's own case
+in that round instead (`ratios_to_reference`).
 The mechanisms are the registry's, with their options from the config schema (defaults, `--config
 FILE`, and `section.key=value` overrides such as `attention.local.window=128`), their key/value heads
 from their own policy and their FLOPs from their own model; torch's SDPA runs beside them as the
