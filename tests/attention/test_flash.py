@@ -107,6 +107,28 @@ def test_strong_alibi_where_far_tiles_underflow_matches_reference(dtype):
     torch.testing.assert_close(entropy, ref_entropy.float(), rtol=1e-4, atol=1e-5)
 
 
+def _keys_with_one_orthogonal_giant(n: int, dtype: torch.dtype):
+    """q, k, v whose queries are orthogonal to key 0, of norm 1000: no score uses that norm, but the
+    bound |q_i| max_j |k_j| does, so every shifted probability underflows (2^-1000 and below)."""
+    q, k, v = (t.detach() for t in make_qkv(1, 2, 1, n, head_dim=4, seed=5))
+    q[..., 0] = 0.0
+    k[:, :, 0] = torch.tensor([1000.0, 0.0, 0.0, 0.0], dtype=k.dtype)
+    return (t.to(dtype).requires_grad_() for t in (q, k, v))
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+def test_rows_whose_score_bound_underflows_are_recomputed_with_the_running_max(causal):
+    """The forward pass shifts each row by an upper bound of its scores; where that bound is so loose
+    that a row's sum underflows (here to 0, which would give 0/0), the block takes the running max."""
+    q, k, v = _keys_with_one_orthogonal_giant(12, torch.float64)
+    assert_matches_reference(build_attention("flash", block_size=4), q, k, v, causal=causal, slopes=None)
+    q32, k32, v32 = _keys_with_one_orthogonal_giant(12, torch.float32)
+    out, entropy = build_attention("flash", block_size=4)(q32, k32, v32, causal=causal, return_entropy=True)
+    ref_out, ref_entropy = reference_attention("flash", q, k, v, causal=causal)
+    torch.testing.assert_close(out, ref_out.float(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(entropy, ref_entropy.float(), rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
 def test_backward_saves_no_n_by_n_tensor(causal):
     n = 96

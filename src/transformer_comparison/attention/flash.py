@@ -5,10 +5,15 @@ Attention with Better Parallelism and Work Partitioning").
     out = softmax(Q K^T / sqrt(d) + B) V,   B_ij = -m_h |i - j| with ALiBi, -inf where causal hides j > i,
 
 the same maths as `dot_product`, never materialising the n x n scores. Queries are cut into blocks of
-`block_size` rows and the visible keys into blocks of `block_size` columns. The forward pass keeps,
-per query row, a running max m, a running normaliser l and an unnormalised output, rescaled by
-2^(m_old - m_new) whenever a key block raises the max (the online softmax); it saves only q, k, v,
-the output and the log-sum-exp L = m + log2 l. Scores are kept in base 2, as FlashAttention-2 does:
+`block_size` rows and the visible keys into blocks of `block_size` columns. The forward pass keeps, per
+query row, a normaliser l and an unnormalised output, summed over key blocks with every score of row i
+shifted by one fixed upper bound c_i = |q_i| max_j |k_j| (Cauchy-Schwarz; the "unified max value" of
+FlashDecoding++, Hong et al. 2023): p = 2^(s - c) <= 1 never overflows and is never rescaled, so a tile
+costs its two matmuls (the shift added in the first), one exp2 and one row sum. A query block in which
+the bound is so loose that some row's l falls below sqrt(tiny) (2^-63 in float32) is recomputed with the
+online softmax of FlashAttention: a running max m, with l and the output rescaled by 2^(m_old - m_new)
+whenever a key block raises it. Either way it saves only q, k, v, the output and the log-sum-exp
+L = c + log2 l (or m + log2 l). Scores are kept in base 2, as FlashAttention-2 does:
 log2(e) is folded into the query scale (and the ALiBi slopes), so every tile takes exp2, which is
 about twice as fast as exp on a CPU (`_tile_exp2_`). The backward pass recomputes each score tile
 from them, P = 2^(S - L), and uses the FlashAttention-2 gradient with D_i = rowsum(dO_i * O_i):
@@ -176,6 +181,52 @@ class _OnlineSoftmax:
         return self.l.log() - self.plogp / self.l
 
 
+class _ShiftedSoftmax:
+    """Softmax sums of one query block with each row shifted by a fixed upper bound c of its scores
+    (`_score_bound`) instead of its running max (the "unified max value" of FlashDecoding++, Hong et al.
+    2023). Every p = 2^(s - c) is at most 1, so nothing overflows and nothing is ever rescaled: the shift
+    is added in the score matmul, and a tile costs one exp2 and one sum, where the online softmax also
+    takes a row max, a subtraction and a rescaling.
+
+    l = sum of p, acc = sum of p v, plogp = sum of p ln p (nats), as in `_OnlineSoftmax` with m = c. A
+    loose bound makes every p of a row small; a row whose l falls below `guard` (2^-63 in float32) could
+    lose terms to underflow, and its block is recomputed with the running max (`_block_softmax`). Above
+    it, the largest p is at least guard / n, so a term that underflows is below 2^-60 / n of the largest
+    one in float32, and the sums lose nothing at float32 precision.
+    """
+
+    def __init__(self, bound: Tensor, need_entropy: bool) -> None:
+        self.bound, self.neg_bound = bound, bound.neg()
+        self.guard = torch.finfo(bound.dtype).tiny ** 0.5
+        self.need_entropy = need_entropy
+        self.l: Tensor | None = None
+        self.acc: Tensor | None = None
+        self.plogp: Tensor | None = None
+
+    def add(self, p: Tensor, v_block: Tensor) -> None:
+        """Adds one tile's probabilities p = 2^(s - c), (B*KV, rows, keys), and its values."""
+        if self.acc is None:
+            self.l, self.acc = p.sum(-1, keepdim=True), torch.bmm(p, v_block)
+            self.plogp = torch.xlogy(p, p).sum(-1, keepdim=True) if self.need_entropy else None
+            return
+        self.l.add_(p.sum(-1, keepdim=True))
+        self.acc.baddbmm_(p, v_block)
+        if self.plogp is not None:
+            self.plogp.add_(torch.xlogy(p, p).sum(-1, keepdim=True))
+
+    def underflowed(self) -> bool:
+        return bool((self.l < self.guard).any())
+
+    def output(self) -> Tensor:
+        return self.acc / self.l
+
+    def log_sum_exp(self) -> Tensor:
+        return self.bound + self.l.log2()
+
+    def entropy(self) -> Tensor:
+        return self.l.log() - self.plogp / self.l
+
+
 def _to_rows(x: Tensor, kv_heads: int) -> Tensor:
     """(B, H, n, D) -> (B*KV, n*G, D): row i*G + g is query i of head g of its kv head's group."""
     batch, heads, n, dim = x.shape
@@ -192,23 +243,48 @@ def _from_rows(x: Tensor, batch: int, heads: int) -> Tensor:
     return grouped.reshape(batch, heads, n, *x.shape[2:])
 
 
+def _score_bound(q_rows: Tensor, k: Tensor) -> Tensor:
+    """|q_i| max_j |k_j| per row, (B*KV, nq*G, 1): no base-2 score of row i exceeds it (Cauchy-Schwarz;
+    the ALiBi bias and the causal mask only lower scores)."""
+    key_norm = torch.linalg.vector_norm(k, dim=-1).amax(-1)
+    return torch.linalg.vector_norm(q_rows, dim=-1, keepdim=True) * key_norm[:, None, None]
+
+
+def _block_softmax(
+    q_block: Tensor, k: Tensor, v: Tensor, bound: Tensor, tiling: _Tiling, q_start: int, q_end: int, need_entropy: bool
+) -> _ShiftedSoftmax | _OnlineSoftmax:
+    """Softmax sums of one query block over its key blocks: shifted by the fixed bound, or, for a block
+    where the bound left some row's sum below `_ShiftedSoftmax.guard`, by the running max."""
+    key_blocks = tiling.key_blocks(q_start, q_end, k.shape[1])
+    shifted = _ShiftedSoftmax(bound, need_entropy)
+    for k_start, k_end, masked in key_blocks:
+        scores = tiling.scores(q_block, k[:, k_start:k_end], q_start, k_start, masked, shift=shifted.neg_bound)
+        shifted.add(_tile_exp2_(scores, tiling.biased(masked)), v[:, k_start:k_end])
+    if not shifted.underflowed():
+        return shifted
+    online = None
+    for k_start, k_end, masked in key_blocks:
+        scores = tiling.scores(q_block, k[:, k_start:k_end], q_start, k_start, masked)
+        if online is None:
+            online = _OnlineSoftmax(scores, v[:, k_start:k_end], need_entropy, tiling.biased(masked))
+        else:
+            online.update(scores, v[:, k_start:k_end], tiling.biased(masked))
+    return online
+
+
 def _flash_forward(
     q_rows: Tensor, k: Tensor, v: Tensor, tiling: _Tiling, need_entropy: bool
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """Output (B*KV, nq*G, D), base-2 log-sum-exp (B*KV, nq*G, 1) and entropy like it (or None)."""
-    groups, nk = tiling.groups, k.shape[1]
+    groups = tiling.groups
     out = torch.empty_like(q_rows)
     lse = q_rows.new_empty(*q_rows.shape[:2], 1)
     entropy = torch.empty_like(lse) if need_entropy else None
+    bound = _score_bound(q_rows, k)
     for q_start, q_end in tiling.query_blocks(q_rows.shape[1] // groups):
         rows = slice(q_start * groups, q_end * groups)
-        q_block, softmax = q_rows[:, rows].contiguous(), None  # a strided slice made every tile's matmul slower
-        for k_start, k_end, masked in tiling.key_blocks(q_start, q_end, nk):
-            scores = tiling.scores(q_block, k[:, k_start:k_end], q_start, k_start, masked)
-            if softmax is None:
-                softmax = _OnlineSoftmax(scores, v[:, k_start:k_end], need_entropy, tiling.biased(masked))
-            else:
-                softmax.update(scores, v[:, k_start:k_end], tiling.biased(masked))
+        q_block = q_rows[:, rows].contiguous()  # a strided slice made every tile's matmul slower
+        softmax = _block_softmax(q_block, k, v, bound[:, rows], tiling, q_start, q_end, need_entropy)
         out[:, rows] = softmax.output()
         lse[:, rows] = softmax.log_sum_exp()
         if entropy is not None:
