@@ -129,6 +129,23 @@ def test_rows_whose_score_bound_underflows_are_recomputed_with_the_running_max(c
     torch.testing.assert_close(entropy, ref_entropy.float(), rtol=1e-4, atol=1e-5)
 
 
+def test_compiles_to_one_graph_that_matches_the_reference():
+    """Under torch.compile (training.compile) the forward pass takes the running max: a graph cannot
+    branch on whether a row's sum underflowed. fullgraph=True fails on any graph break."""
+    q, k, v = make_qkv(1, 4, 2, 20, seed=6)
+    attn = build_attention("flash", block_size=8)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda *qkv: attn(*qkv, causal=True, return_entropy=True), backend="eager", fullgraph=True)
+    out, entropy = compiled(q, k, v)
+    grads = torch.autograd.grad(out.square().sum(), (q, k, v))
+    ref_out, ref_entropy = reference_attention("flash", q, k, v, causal=True)
+    ref_grads = torch.autograd.grad(ref_out.square().sum(), (q, k, v))
+    torch.testing.assert_close(out, ref_out, **TIGHT)
+    torch.testing.assert_close(entropy, ref_entropy, **TIGHT)
+    for grad, ref_grad in zip(grads, ref_grads):
+        torch.testing.assert_close(grad, ref_grad, **TIGHT)
+
+
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
 def test_backward_saves_no_n_by_n_tensor(causal):
     n = 96

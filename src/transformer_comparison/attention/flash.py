@@ -12,7 +12,8 @@ FlashDecoding++, Hong et al. 2023): p = 2^(s - c) <= 1 never overflows and is ne
 costs its two matmuls (the shift added in the first), one exp2 and one row sum. A query block in which
 the bound is so loose that some row's l falls below sqrt(tiny) (2^-63 in float32) is recomputed with the
 online softmax of FlashAttention: a running max m, with l and the output rescaled by 2^(m_old - m_new)
-whenever a key block raises it. Either way it saves only q, k, v, the output and the log-sum-exp
+whenever a key block raises it (every block takes it under torch.compile, whose graphs cannot branch
+on a value). Either way it saves only q, k, v, the output and the log-sum-exp
 L = c + log2 l (or m + log2 l). Scores are kept in base 2, as FlashAttention-2 does:
 log2(e) is folded into the query scale (and the ALiBi slopes), so every tile takes exp2, which is
 about twice as fast as exp on a CPU (`_tile_exp2_`). The backward pass recomputes each score tile
@@ -215,7 +216,9 @@ class _ShiftedSoftmax:
             self.plogp.add_(torch.xlogy(p, p).sum(-1, keepdim=True))
 
     def underflowed(self) -> bool:
-        return bool((self.l < self.guard).any())
+        """Whether some row's sum fell below the guard; never on the meta device, whose tensors hold no
+        values (the memory estimate traces the forward pass there, `resources.training_memory`)."""
+        return not self.l.is_meta and bool((self.l < self.guard).any())
 
     def output(self) -> Tensor:
         return self.acc / self.l
@@ -253,15 +256,17 @@ def _score_bound(q_rows: Tensor, k: Tensor) -> Tensor:
 def _block_softmax(
     q_block: Tensor, k: Tensor, v: Tensor, bound: Tensor, tiling: _Tiling, q_start: int, q_end: int, need_entropy: bool
 ) -> _ShiftedSoftmax | _OnlineSoftmax:
-    """Softmax sums of one query block over its key blocks: shifted by the fixed bound, or, for a block
-    where the bound left some row's sum below `_ShiftedSoftmax.guard`, by the running max."""
+    """Softmax sums of one query block over its key blocks: shifted by the fixed bound, or by the running
+    max where the bound left some row's sum below `_ShiftedSoftmax.guard`, and under torch.compile,
+    whose graphs cannot branch on a value."""
     key_blocks = tiling.key_blocks(q_start, q_end, k.shape[1])
-    shifted = _ShiftedSoftmax(bound, need_entropy)
-    for k_start, k_end, masked in key_blocks:
-        scores = tiling.scores(q_block, k[:, k_start:k_end], q_start, k_start, masked, shift=shifted.neg_bound)
-        shifted.add(_tile_exp2_(scores, tiling.biased(masked)), v[:, k_start:k_end])
-    if not shifted.underflowed():
-        return shifted
+    if not torch.compiler.is_compiling():
+        shifted = _ShiftedSoftmax(bound, need_entropy)
+        for k_start, k_end, masked in key_blocks:
+            scores = tiling.scores(q_block, k[:, k_start:k_end], q_start, k_start, masked, shift=shifted.neg_bound)
+            shifted.add(_tile_exp2_(scores, tiling.biased(masked)), v[:, k_start:k_end])
+        if not shifted.underflowed():
+            return shifted
     online = None
     for k_start, k_end, masked in key_blocks:
         scores = tiling.scores(q_block, k[:, k_start:k_end], q_start, k_start, masked)
