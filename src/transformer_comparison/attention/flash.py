@@ -389,7 +389,7 @@ def _sdpa(q: Tensor, k: Tensor, v: Tensor, causal: bool, alibi_slopes: Tensor | 
 
 @register_attention("flash")
 class FlashAttention(AttentionKernel):
-    """Exact softmax attention in `block_size` x `block_size` tiles with an online softmax.
+    """Exact softmax attention in `block_size` x `block_size` tiles, never materialising n x n scores.
 
     use_sdpa: dispatch to torch's fused scaled_dot_product_attention where it is exact (see module doc).
     """
