@@ -145,71 +145,73 @@ def _tile_exp2_(shifted: Tensor, biased: bool) -> Tensor:
     return _exp2_(shifted) if biased else shifted.exp2_()
 
 
-class _OnlineSoftmax:
-    """Running softmax of one query block over successive key blocks (rows of shape (B*KV, rows, .)).
+class _SoftmaxSums:
+    """What the forward pass keeps per query row (rows of shape (B*KV, rows, .)) for scores s in base 2
+    shifted by c (a fixed bound or the running max): l = sum of p = 2^(s - c), acc = sum of p v, and
+    plogp = sum of p ln p (in nats), kept only when the entropy is wanted."""
 
-    Scores s are in base 2. m: running max; l: sum of 2^(s - m); acc: sum of 2^(s - m) v; plogp: sum of
-    p ln p over p = 2^(s - m) (in nats), kept only when the entropy is wanted. Score tiles are consumed
-    (overwritten in place).
-    """
-
-    def __init__(self, scores: Tensor, v_block: Tensor, need_entropy: bool, biased: bool) -> None:
-        self.m = scores.amax(-1, keepdim=True)
-        p = _tile_exp2_(scores.sub_(self.m), biased)
-        self.l = p.sum(-1, keepdim=True)
-        self.acc = torch.bmm(p, v_block)
-        self.plogp = torch.xlogy(p, p).sum(-1, keepdim=True) if need_entropy else None
-
-    def update(self, scores: Tensor, v_block: Tensor, biased: bool) -> None:
-        m_new = torch.maximum(self.m, scores.amax(-1, keepdim=True))
-        p = _tile_exp2_(scores.sub_(m_new), biased)
-        alpha = (self.m - m_new).exp2_()
-        if self.plogp is not None:  # p ln p of the old terms, now divided by 2^(m_new - m)
-            shifted = self.plogp - (m_new - self.m) * LN_2 * self.l
-            self.plogp = shifted.mul_(alpha).add_(torch.xlogy(p, p).sum(-1, keepdim=True))
-        self.l = self.l.mul_(alpha).add_(p.sum(-1, keepdim=True))
-        self.acc = self.acc.mul_(alpha).baddbmm_(p, v_block)
-        self.m = m_new
+    shift: Tensor
+    l: Tensor
+    acc: Tensor
+    plogp: Tensor | None
 
     def output(self) -> Tensor:
         return self.acc / self.l
 
     def log_sum_exp(self) -> Tensor:
         """log2 of sum_j 2^(s_j): what the backward pass subtracts from the base-2 scores."""
-        return self.m + self.l.log2()
+        return self.shift + self.l.log2()
 
     def entropy(self) -> Tensor:
         return self.l.log() - self.plogp / self.l
 
 
-class _ShiftedSoftmax:
+class _OnlineSoftmax(_SoftmaxSums):
+    """Running softmax of one query block over successive key blocks, shifted by the running max m
+    (`shift`), rescaling l, acc and plogp whenever a block raises it. Score tiles are consumed
+    (overwritten in place)."""
+
+    def __init__(self, scores: Tensor, v_block: Tensor, need_entropy: bool, biased: bool) -> None:
+        self.shift = scores.amax(-1, keepdim=True)
+        p = _tile_exp2_(scores.sub_(self.shift), biased)
+        self.l = p.sum(-1, keepdim=True)
+        self.acc = torch.bmm(p, v_block)
+        self.plogp = torch.xlogy(p, p).sum(-1, keepdim=True) if need_entropy else None
+
+    def update(self, scores: Tensor, v_block: Tensor, biased: bool) -> None:
+        m, m_new = self.shift, torch.maximum(self.shift, scores.amax(-1, keepdim=True))
+        p = _tile_exp2_(scores.sub_(m_new), biased)
+        alpha = (m - m_new).exp2_()
+        if self.plogp is not None:  # p ln p of the old terms, now divided by 2^(m_new - m)
+            shifted = self.plogp - (m_new - m) * LN_2 * self.l
+            self.plogp = shifted.mul_(alpha).add_(torch.xlogy(p, p).sum(-1, keepdim=True))
+        self.l = self.l.mul_(alpha).add_(p.sum(-1, keepdim=True))
+        self.acc = self.acc.mul_(alpha).baddbmm_(p, v_block)
+        self.shift = m_new
+
+
+class _ShiftedSoftmax(_SoftmaxSums):
     """Softmax sums of one query block with each row shifted by a fixed upper bound c of its scores
     (`_score_bound`) instead of its running max (the "unified max value" of FlashDecoding++, Hong et al.
     2023). Every p = 2^(s - c) is at most 1, so nothing overflows and nothing is ever rescaled: the shift
     is added in the score matmul, and a tile costs one exp2 and one sum, where the online softmax also
     takes a row max, a subtraction and a rescaling.
 
-    l = sum of p, acc = sum of p v, plogp = sum of p ln p (nats), as in `_OnlineSoftmax` with m = c. A
-    loose bound makes every p of a row small; a row whose l falls below `guard` (2^-63 in float32) could
-    lose terms to underflow, and its block is recomputed with the running max (`_block_softmax`). Above
-    it, the largest p is at least guard / n, so a term that underflows is below 2^-60 / n of the largest
-    one in float32, and the sums lose nothing at float32 precision.
+    A loose bound makes every p of a row small; a row whose l falls below `guard` (2^-63 in float32)
+    could lose terms to underflow, and its block is recomputed with the running max (`_block_softmax`).
+    Above it, the largest p is at least guard / n, so a term that underflows is below 2^-60 / n of the
+    largest one in float32, and the sums lose nothing at float32 precision.
     """
 
-    def __init__(self, bound: Tensor, need_entropy: bool) -> None:
-        self.bound, self.neg_bound = bound, bound.neg()
+    def __init__(self, bound: Tensor, p: Tensor, v_block: Tensor, need_entropy: bool) -> None:
+        """From the first tile's p = 2^(s - bound), (B*KV, rows, keys), and its values."""
+        self.shift = bound
         self.guard = torch.finfo(bound.dtype).tiny ** 0.5
-        self.need_entropy = need_entropy
-        self.l: Tensor | None = None
-        self.acc: Tensor | None = None
-        self.plogp: Tensor | None = None
+        self.l = p.sum(-1, keepdim=True)
+        self.acc = torch.bmm(p, v_block)
+        self.plogp = torch.xlogy(p, p).sum(-1, keepdim=True) if need_entropy else None
 
-    def add(self, p: Tensor, v_block: Tensor) -> None:
-        """Adds one tile's probabilities p = 2^(s - c), (B*KV, rows, keys), and its values."""
-        if self.acc is None:
-            self.l, self.acc = p.sum(-1, keepdim=True), torch.bmm(p, v_block)
-            self.plogp = torch.xlogy(p, p).sum(-1, keepdim=True) if self.need_entropy else None
-            return
+    def update(self, p: Tensor, v_block: Tensor) -> None:
         self.l.add_(p.sum(-1, keepdim=True))
         self.acc.baddbmm_(p, v_block)
         if self.plogp is not None:
@@ -219,15 +221,6 @@ class _ShiftedSoftmax:
         """Whether some row's sum fell below the guard; never on the meta device, whose tensors hold no
         values (the memory estimate traces the forward pass there, `resources.training_memory`)."""
         return not self.l.is_meta and bool((self.l < self.guard).any())
-
-    def output(self) -> Tensor:
-        return self.acc / self.l
-
-    def log_sum_exp(self) -> Tensor:
-        return self.bound + self.l.log2()
-
-    def entropy(self) -> Tensor:
-        return self.l.log() - self.plogp / self.l
 
 
 def _to_rows(x: Tensor, kv_heads: int) -> Tensor:
@@ -261,10 +254,14 @@ def _block_softmax(
     whose graphs cannot branch on a value."""
     key_blocks = tiling.key_blocks(q_start, q_end, k.shape[1])
     if not torch.compiler.is_compiling():
-        shifted = _ShiftedSoftmax(bound, need_entropy)
+        shifted, neg_bound = None, bound.neg()
         for k_start, k_end, masked in key_blocks:
-            scores = tiling.scores(q_block, k[:, k_start:k_end], q_start, k_start, masked, shift=shifted.neg_bound)
-            shifted.add(_tile_exp2_(scores, tiling.biased(masked)), v[:, k_start:k_end])
+            scores = tiling.scores(q_block, k[:, k_start:k_end], q_start, k_start, masked, shift=neg_bound)
+            p = _tile_exp2_(scores, tiling.biased(masked))
+            if shifted is None:
+                shifted = _ShiftedSoftmax(bound, p, v[:, k_start:k_end], need_entropy)
+            else:
+                shifted.update(p, v[:, k_start:k_end])
         if not shifted.underflowed():
             return shifted
     online = None
