@@ -199,8 +199,9 @@ class _ShiftedSoftmax(_SoftmaxSums):
 
     A loose bound makes every p of a row small; a row whose l falls below `guard` (2^-63 in float32)
     could lose terms to underflow, and its block is recomputed with the running max (`_block_softmax`).
-    Above it, the largest p is at least guard / n, so a term that underflows is below 2^-60 / n of the
-    largest one in float32, and the sums lose nothing at float32 precision.
+    Above it, the largest of a row's n terms is at least guard / n, so each term lost to underflow (below
+    tiny, 2^-126) is under n 2^-63 of it, and all of them together under n^2 2^-63 of the sum: below
+    float32's precision (2^-24) for n up to 2^19.
     """
 
     def __init__(self, bound: Tensor, p: Tensor, v_block: Tensor, need_entropy: bool) -> None:
@@ -248,7 +249,7 @@ def _score_bound(q_rows: Tensor, k: Tensor) -> Tensor:
 
 def _block_softmax(
     q_block: Tensor, k: Tensor, v: Tensor, bound: Tensor, tiling: _Tiling, q_start: int, q_end: int, need_entropy: bool
-) -> _ShiftedSoftmax | _OnlineSoftmax:
+) -> _SoftmaxSums:
     """Softmax sums of one query block over its key blocks: shifted by the fixed bound, or by the running
     max where the bound left some row's sum below `_ShiftedSoftmax.guard`, and under torch.compile,
     whose graphs cannot branch on a value."""
