@@ -233,6 +233,29 @@ def test_presets(tiny_config):
         assert {k: v for k, v in got.items() if k not in ignored} == {k: v for k, v in want.items() if k not in ignored}, section
 
 
+def test_a_missing_dataset_is_one_error_before_anything_is_written(tiny_config, tmp_path, capsys):
+    out = tmp_path / "grid"
+    argv = compare_args(tiny_config, out, "--attention_types", "dot_product", f"data.dataset={tmp_path / 'absent.txt'}")
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "absent.txt" in err[0] and "no such file" in err[0], err
+    assert not out.exists()
+
+
+def test_the_data_is_prepared_only_while_some_run_is_left_to_train(tiny_comparison, tiny_config, tmp_path, monkeypatch):
+    from transformer_comparison.compare import command
+
+    out = tmp_path / "grid"
+    shutil.copytree(tiny_comparison, out)
+    prepared = []
+    monkeypatch.setattr(command, "prepare_data", lambda data, vocab_size: prepared.append(data.dataset))
+    assert main(compare_args(tiny_config, out, *GRID)) == 0  # finished: the report is rebuilt, no data read
+    assert prepared == []
+    (out / "runs" / NAMES[0] / "summary.json").unlink()
+    assert main(compare_args(tiny_config, out, *GRID)) == 0
+    assert prepared == [yaml.safe_load(tiny_config.read_text())["data"]["dataset"]]
+
+
 def test_foreign_output_directories(tiny_config, tmp_path, capsys):
     other = tmp_path / "other"
     other.mkdir()

@@ -25,6 +25,7 @@ from transformer_comparison.compare.extras import PROBES, run_extras
 from transformer_comparison.compare.plan import Cell, Plan, comma_list, count, make_plan
 from transformer_comparison.compare.sweeps import split_sweep
 from transformer_comparison.config import config_to_yaml
+from transformer_comparison.data import prepare_data
 from transformer_comparison.errors import UserError
 from transformer_comparison.presets import PRESETS, Preset
 from transformer_comparison.run_lock import lock_directory
@@ -223,6 +224,14 @@ def prepare_output_dir(plan: Plan, existing: Comparison | None, command: str, jo
 # running
 
 
+def check_data(plan: Plan) -> None:
+    """Prepare the comparison's data once, before anything is written, when some run is still to train: a
+    missing or unreadable dataset is then one error, not a failure in every cell (which then find the
+    tokens cached). A finished grid rebuilds its report without the data."""
+    if any(cell_action(plan.run_dir(cell)) != "skip" for cell in plan.cells):
+        prepare_data(plan.config.data, plan.config.model.vocab_size)
+
+
 def cell_job(plan: Plan, cell: Cell, group: str, executor: str) -> CellJob:
     run_dir = plan.run_dir(cell).resolve()
     config = str(plan.config_path.resolve())
@@ -302,6 +311,7 @@ def run(args: argparse.Namespace) -> int:
 
         import_ray()  # a missing Ray is an error before anything is written
     existing = check_output_dir(plan)
+    check_data(plan)
     plan.out.mkdir(parents=True, exist_ok=True)
     with lock_directory(plan.out, "comparison directory"), StopFlag() as stop:  # one `tcompare compare` per directory
         comparison = prepare_output_dir(plan, existing, command_line(args), jobs, executor)
