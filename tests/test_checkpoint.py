@@ -65,13 +65,18 @@ def test_a_checkpoint_of_the_old_format_loads_unverified(tmp_path):
     check_identity(loaded, path, "any run", {"model.d_model": 99})  # nothing to compare against
 
 
-@pytest.mark.parametrize("content", [b"", b"not a checkpoint", b"PK\x03\x04" + bytes(range(256)) * 4])
+@pytest.mark.parametrize("content", [b"", b"not a checkpoint", b"\x80\x02" + bytes(range(40, 120)),
+                                     b"PK\x03\x04" + bytes(range(256)) * 4])
 def test_garbage_is_one_line_naming_the_file(tmp_path, content):
     path = tmp_path / "latest.pt"
     path.write_bytes(content)
     with pytest.raises(UserError) as error:
         load_checkpoint(path)
-    assert str(path) in str(error.value) and "\n" not in str(error.value)
+    message = str(error.value)
+    assert str(path) in message and "\n" not in message
+    reason = message[message.index(" unreadable (") + len(" unreadable (") : message.index("); it cannot")]
+    assert len(reason) <= 140 and ". " not in reason, reason  # torch's paragraphs cut to their first sentence
+    assert (reason == "the file is empty") == (content == b"")
 
 
 def test_a_full_disk_is_said_and_the_previous_checkpoint_is_intact(tmp_path, monkeypatch):

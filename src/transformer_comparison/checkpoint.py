@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,17 @@ def save_checkpoint(state: Mapping[str, Any], path: Path, run_id: str | None = N
     write_bytes_atomic(path, lambda stream: stream.write(buffer.getbuffer()))
 
 
+def _load_failure(path: Path, error: Exception) -> str:
+    """Why torch.load failed, in a few words: torch's messages run to paragraphs, so the first sentence."""
+    if path.stat().st_size == 0:
+        return "the file is empty"
+    text = str(error).strip()
+    if not text:
+        return type(error).__name__
+    sentence = re.split(r"(?<=[.:])\s", text.splitlines()[0], maxsplit=1)[0].rstrip(".:")
+    return f"{type(error).__name__}: {sentence if len(sentence) <= 120 else sentence[:117] + '...'}"
+
+
 def load_checkpoint(path: Path) -> dict[str, Any]:
     """Load and verify a checkpoint written by save_checkpoint; anything else is a UserError naming the file."""
     if not path.is_file():
@@ -54,8 +66,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001  (zip, pickle, decode and I/O errors: all mean unreadable)
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UserError(f"checkpoint {path} is corrupt or unreadable ({type(error).__name__}: {first_line[:160]}); "
+        raise UserError(f"checkpoint {path} is corrupt or unreadable ({_load_failure(path, error)}); "
                         "it cannot be used: start the run again or restore the file") from None
     if not isinstance(state, dict) or state.get("format") not in (FORMAT, LEGACY_FORMAT):
         raise UserError(f"{path} is not a transformer-comparison checkpoint (expected format {FORMAT})")
