@@ -224,6 +224,11 @@ def test_rope_scaling_at_evaluation(tmp_path, capsys):
     assert [r["position_scaling"] for r in yarn] == ["yarn:4", "yarn:4"]  # default factor: 64 / 16
     assert one[0]["val_loss"] == plain[0]["val_loss"]  # factor 1 is plain RoPE
     assert yarn[1]["val_loss"] != plain[1]["val_loss"] and math.isfinite(float(yarn[1]["val_loss"]))
+    assert main(["eval", "--run", str(run_dir), "--lengths", "16,64"]) == 0  # the default files: one per scaling
+    assert main(["eval", "--run", str(run_dir), "--lengths", "16,64", "--rope_scaling", "yarn"]) == 0
+    assert (run_dir / "extrapolation.csv").read_bytes() == (tmp_path / "plain.csv").read_bytes()
+    assert (run_dir / "extrapolation-yarn4.csv").read_bytes() == (tmp_path / "yarn.csv").read_bytes()
+    assert (run_dir / "extrapolation-yarn4.png").is_file()
     capsys.readouterr()
     assert main(["eval", "--run", str(run_dir.parent / "run"), "--lengths", "16", "--rope_scaling", "cubic"]) == 2
     assert "position.rope.scaling" in capsys.readouterr().err

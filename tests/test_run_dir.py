@@ -217,10 +217,12 @@ def test_overwrite_refuses_a_directory_that_is_not_a_run(tmp_path, cli):
 def test_overwrite_removes_every_file_of_the_old_run(finished, tmp_path, cli):
     run_dir = copy_run(finished, tmp_path / "run")
     (run_dir / "extrapolation.csv").write_text("eval_length\n64\n")
+    (run_dir / "extrapolation-yarn4.csv").write_text("eval_length\n64\n")  # eval --rope_scaling yarn's
     (run_dir / "train.log").write_text("kept: the comparison's log\n")
     result = cli("train", "--config", str(finished[0]), "--out", str(run_dir), "--overwrite", "training.max_steps=2")
     assert result.returncode == 0, result.stderr
     assert not (run_dir / "extrapolation.csv").exists() and not (run_dir / ".replaced").exists()
+    assert not (run_dir / "extrapolation-yarn4.csv").exists()
     assert read_summary(run_dir).steps == 2 and (run_dir / "train.log").read_text().startswith("kept")
 
 

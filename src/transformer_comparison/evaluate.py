@@ -19,8 +19,10 @@ are left unscored. The loss is the mean next-token cross-entropy over the scored
 computed in float32 with the model in eval mode under no_grad, accumulated in float64.
 
 Writes RUN/extrapolation.csv (`eval_length, stride, val_loss, val_perplexity` then `num_windows,
-tokens_scored, train_context_length, attention_type, position_embedding`), RUN/extrapolation.png
-and prints a table. `plot_extrapolation(rows_by_run, path)` draws several runs on one figure (the
+tokens_scored, train_context_length, attention_type, position_embedding, position_scaling`),
+RUN/extrapolation.png and prints a table; under `--rope_scaling` the default files are
+RUN/extrapolation-KINDFACTOR.csv and .png (e.g. extrapolation-yarn16.csv), so they never replace the
+plain evaluation's. `plot_extrapolation(rows_by_run, path)` draws several runs on one figure (the
 comparison report reuses it); `read_extrapolation_csv(path)` reads the CSV back with numbers typed.
 """
 
@@ -62,7 +64,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch_size", metavar="B", help=f"windows per forward pass (default: max(1, {DEFAULT_BATCH_TOKENS} // L))")
     parser.add_argument("--device", default="auto", help="auto (cuda when available, else cpu), cpu, cuda, cuda:N, mps")
     parser.add_argument("--out", type=Path, metavar="FILE",
-                        help="the CSV to write (default DIR/extrapolation.csv); the plot goes next to it as FILE with .png")
+                        help="the CSV to write (default DIR/extrapolation.csv, or DIR/extrapolation-yarn16.csv and the "
+                             "like under --rope_scaling); the plot goes next to it as FILE with .png")
     parser.add_argument("--rope_scaling", default=None, metavar="KIND",
                         help="evaluate with a RoPE scaling the model was not trained with: linear (position "
                              "interpolation), ntk or yarn (position.rope.scaling; needs a run whose encoding has it)")
@@ -253,6 +256,12 @@ def load_run_and_validation(run_dir: Path, device: torch.device) -> tuple[torch.
     return model.to(device).eval(), data.val, cfg
 
 
+def default_csv(run_dir: Path, scaling: str) -> Path:
+    """RUN/extrapolation.csv, or RUN/extrapolation-KINDFACTOR.csv under a RoPE scaling ("yarn:16" ->
+    extrapolation-yarn16.csv): an evaluation never replaces another's results."""
+    return run_dir / ("extrapolation.csv" if scaling == "none" else f"extrapolation-{scaling.replace(':', '')}.csv")
+
+
 def run(args: argparse.Namespace) -> int:
     lengths = parse_lengths(args.lengths)
     stride = None if args.stride is None else positive_int("--stride", args.stride)
@@ -264,10 +273,8 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     prepare_process()
     run_dir: Path = args.run
-    out_csv: Path = args.out or run_dir / "extrapolation.csv"
-
-    if out_csv.is_dir():
-        raise UserError(f"--out {out_csv} is a directory; give the CSV file to write (e.g. {out_csv / 'extrapolation.csv'})")
+    if args.out is not None and args.out.is_dir():
+        raise UserError(f"--out {args.out} is a directory; give the CSV file to write (e.g. {args.out / 'extrapolation.csv'})")
 
     model, val, cfg = load_run_and_validation(run_dir, device)
     scaling = "none"
@@ -276,6 +283,7 @@ def run(args: argparse.Namespace) -> int:
         factor = args.rope_scaling_factor or max(1.0, max(lengths) / cfg.model.context_length)
         model, cfg = with_position_scaling(model, cfg, kind, factor)
         scaling = f"{kind}:{factor:g}"
+    out_csv: Path = args.out or default_csv(run_dir, scaling)
     check_eval_memory(model, cfg, [n for n in lengths if window_plan(len(val), n, stride, 1).num_windows], batch_size, device)
     try:
         rows, skipped = evaluate_lengths(model, val, lengths, stride, max_windows, batch_size, device)

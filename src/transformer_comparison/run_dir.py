@@ -26,10 +26,19 @@ from transformer_comparison.run_lock import LOCK_FILE, DirectoryLock
 # Everything `tcompare train` (and `tcompare eval` beside it) writes in a run directory.
 RUN_FILES = (artifacts.CONFIG_FILE, artifacts.TOKENIZER_FILE, artifacts.METRICS_FILE, artifacts.SUMMARY_FILE,
              artifacts.IDENTITY_FILE, "checkpoints", "wandb", "extrapolation.csv", "extrapolation.png")
+# tcompare eval's outputs under --rope_scaling (evaluate.default_csv), one pair per scaling.
+RUN_FILE_PATTERNS = ("extrapolation-*.csv", "extrapolation-*.png")
 # Files a run directory may hold that are not the run's own: kept by --overwrite, ignored when deciding
 # whether the directory is empty (tcompare compare opens train.log before it starts the trainer).
 COMPANION_FILES = frozenset({"train.log", "cell.json", LOCK_FILE})
 REPLACED_DIR = ".replaced"
+
+
+def run_files(folder: Path) -> list[str]:
+    """The names of everything the run in `folder` may have written: RUN_FILES (present or not) and the
+    scaled evaluations present."""
+    scaled = {path.name for pattern in RUN_FILE_PATTERNS for path in folder.glob(pattern)}
+    return [*RUN_FILES, *sorted(scaled)]
 
 
 def check_run_path(path: Path, option: str = "--out") -> None:
@@ -120,7 +129,7 @@ class RunDir:
             self._remove_run_files(self.path)
         else:
             self.replaced.mkdir()
-            for name in RUN_FILES:
+            for name in run_files(self.path):
                 if (self.path / name).exists():
                     (self.path / name).rename(self.replaced / name)
         foreign = contents(self.path)
@@ -161,7 +170,7 @@ class RunDir:
 
     @staticmethod
     def _remove_run_files(folder: Path) -> None:
-        for name in RUN_FILES:
+        for name in run_files(folder):
             target = folder / name
             if target.is_dir():
                 shutil.rmtree(target)
