@@ -49,7 +49,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         if only in (None, name):
             module = importlib.import_module(module_name)
             module.add_arguments(sub)
-            sub.set_defaults(handler=module.run)
+            sub.set_defaults(handler=module.run, command_parser=sub)  # a nested command sets its own parser
     return parser
 
 
@@ -61,8 +61,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     unknown = [item for item in extras if not OVERRIDE.fullmatch(item)]
     if overrides and not hasattr(args, "overrides"):
         unknown = extras
-    if unknown:
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if unknown:  # said by the command's own parser: "tcompare train: error: ..."
+        getattr(args, "command_parser", parser).error(f"unrecognized arguments: {' '.join(unknown)}")
     if overrides:
         args.overrides = [*(args.overrides or []), *overrides]
     return args
@@ -71,18 +71,19 @@ def parse(argv: list[str]) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     shorten_spin_wait()  # before any command imports torch (openmp.py)
     argv = list(sys.argv[1:] if argv is None else argv)
-    command = argv[0] if argv and argv[0] in COMMANDS else "tcompare"
+    command = f"tcompare {argv[0]}" if argv and argv[0] in COMMANDS else "tcompare"
     try:
         try:
             args = parse(argv)
         except SystemExit as done:  # --help, or a usage error already printed as one line
             return done.code if isinstance(done.code, int) else 2
+        command = args.command_parser.prog  # "tcompare bench kernels" for a nested command
         return int(args.handler(args) or 0)
     except (UserError, ValueError) as error:
         if os.environ.get("TCOMPARE_DEBUG"):
             raise
-        print(f"tcompare {command}: error: {' '.join(str(error).split())}", file=sys.stderr)
+        print(f"{command}: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"tcompare {command}: interrupted", file=sys.stderr)
+        print(f"{command}: interrupted", file=sys.stderr)
         return 130

@@ -24,7 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             continue
         sub = subparsers.add_parser(name, help=help_text, description=help_text)
         module.add_arguments(sub)
-        sub.set_defaults(bench_handler=module.run)
+        sub.set_defaults(bench_handler=module.run, command_parser=sub)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -72,6 +72,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     probes = parser.add_subparsers(dest="probe", required=True, metavar="PROBE")
     mqar = probes.add_parser("mqar", help="multi-query associative recall (Zoology, Arora et al. 2023)",
                              description="Train the GPT on multi-query associative recall for every mechanism x encoding.")
+    mqar.set_defaults(command_parser=mqar)
     defaults = ProbeSettings()
     grid = mqar.add_argument_group("the sweep (comma-separated lists)")
     grid.add_argument("--attention_types", metavar="A,B", help="mechanisms (default: every registered one)")

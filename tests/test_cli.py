@@ -1,0 +1,26 @@
+"""The command line: every error is one line that names the command it came from, exit status 2."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from transformer_comparison.cli import main
+
+CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "config.yaml")
+
+
+@pytest.mark.parametrize("argv, prefix", [
+    (["train", "--config", CONFIG, "--bogus"], "tcompare train: error: unrecognized arguments: --bogus"),
+    (["train", "--config", CONFIG, "training.max_steps=0"], "tcompare train: error: training.max_steps=0"),
+    (["bench", "kernels", "--repeats", "0"], "tcompare bench kernels: error: --repeats"),
+    (["bench", "kernels", "--lengths", "0"], "tcompare bench kernels: error: argument --lengths"),
+    (["probe", "mqar", "--seeds", "0"], "tcompare probe mqar: error: --seeds"),
+    (["report", "some_dir", "--bogus"], "tcompare report: error: unrecognized arguments: --bogus"),
+    (["nonsense"], "tcompare: error: argument COMMAND"),
+])
+def test_an_error_is_one_line_naming_its_command(argv, prefix, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(prefix), err
