@@ -47,8 +47,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lengths", type=positive_ints, default=[512, 1024, 2048, 4096],
                         help="comma-separated sequence lengths (default: 512,1024,2048,4096)")
     parser.add_argument("--mechanisms", type=comma_list, default=None,
-                        help=f"comma-separated mechanisms (default: every registered one and {REFERENCE})")
-    parser.add_argument("--passes", type=comma_list, default=list(PASSES), help=f"comma-separated, of {', '.join(PASSES)}")
+                        help=f"comma-separated mechanisms (default: every registered one and {REFERENCE}); the "
+                             f"vs_sdpa ratio needs {REFERENCE} among them, the crossover table the baseline "
+                             "(dot_product)")
+    parser.add_argument("--passes", type=comma_list, default=list(PASSES),
+                        help=f"comma-separated, of {', '.join(PASSES)} (default: both)")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--kv_heads", type=int, default=None,
