@@ -19,6 +19,9 @@ CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "config.yaml")
     (["probe", "mqar", "--seeds", "0"], "tcompare probe mqar: error: --seeds"),
     (["report", "some_dir", "--bogus"], "tcompare report: error: unrecognized arguments: --bogus"),
     (["nonsense"], "tcompare: error: argument COMMAND"),
+    (["generate", "--run", "/nonexistent/run"], "tcompare generate: error: run directory /nonexistent/run does not exist"),
+    (["eval", "--run", "/nonexistent/run"], "tcompare eval: error: run directory /nonexistent/run does not exist"),
+    (["train", "--resume", "/nonexistent/run"], "tcompare train: error: cannot resume /nonexistent/run: run directory"),
 ])
 def test_an_error_is_one_line_naming_its_command(argv, prefix, capsys):
     assert main(argv) == 2

@@ -240,10 +240,6 @@ def load_run_and_validation(run_dir: Path, device: torch.device) -> tuple[torch.
     from transformer_comparison.data import prepare_data
     from transformer_comparison.generate import load_run
 
-    if not run_dir.exists():
-        raise UserError(f"run directory {run_dir} does not exist")
-    if not run_dir.is_dir():
-        raise UserError(f"{run_dir} is not a directory; give --run a run directory written by tcompare train")
     model, tokenizer, cfg = load_run(run_dir)
     data = prepare_data(cfg.data, cfg.model.vocab_size)
     if data.tokenizer.identity != tokenizer.identity:

@@ -47,7 +47,9 @@ def load_run(run_dir: Path) -> tuple[GPT, Tokenizer, Config]:
     checkpoint verified (checksum, and run id and config against run.json)."""
     from transformer_comparison.model import build_model
 
-    if run_dir.exists() and not run_dir.is_dir():
+    if not run_dir.exists():
+        raise UserError(f"run directory {run_dir} does not exist")
+    if not run_dir.is_dir():
         raise UserError(f"--run {run_dir} is a file; give a run directory written by tcompare train")
     for name in ("config.yaml", "tokenizer.json", "checkpoints/latest.pt"):
         if not (run_dir / name).is_file():

@@ -60,6 +60,8 @@ def run(args: argparse.Namespace) -> int:
             raise UserError("--resume continues a run with its own config; pass only section.key=value overrides")
         run_dir = args.resume
         check_run_path(run_dir, "--resume")
+        if not run_dir.exists():
+            raise UserError(f"cannot resume {run_dir}: run directory {run_dir} does not exist")
         if not (run_dir / "config.yaml").is_file():
             raise UserError(f"cannot resume {run_dir}: it holds no config.yaml of a tcompare run")
         cfg = load_config(run_dir / "config.yaml", args.overrides)
