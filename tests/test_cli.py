@@ -27,3 +27,10 @@ def test_an_error_is_one_line_naming_its_command(argv, prefix, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(prefix), err
+
+
+def test_list_writes_defaults_as_a_config_would(capsys):
+    assert main(["list"]) == 0
+    listed = capsys.readouterr().out
+    assert "kv_heads: int | null >= 1 = null" in listed and "use_sdpa: bool = false" in listed
+    assert "= None" not in listed and "= False" not in listed and "'" not in listed

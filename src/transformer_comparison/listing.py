@@ -22,8 +22,15 @@ def describe_options(model: type[BaseModel]) -> list[str]:
         bounds = " ".join(f"{symbol} {getattr(meta, attr)}" for meta in field.metadata
                           for attr, symbol in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"))
                           if getattr(meta, attr, None) is not None)
-        lines.append(f"{name}: {_type_name(field.annotation)}{' ' + bounds if bounds else ''} = {field.default!r}")
+        lines.append(f"{name}: {_type_name(field.annotation)}{' ' + bounds if bounds else ''} = {_as_typed(field.default)}")
     return lines
+
+
+def _as_typed(value: Any) -> str:
+    """A default as it is written in a config or an override: null, true, false, 0.5, linear."""
+    if value is None or isinstance(value, bool):
+        return {None: "null", True: "true", False: "false"}[value]
+    return str(value)
 
 
 def _type_name(annotation: Any) -> str:
