@@ -46,7 +46,8 @@ def faults_per_step(mode: str) -> float:
 @pytest.mark.skipif(glibc() is None, reason="the C library is not glibc")
 def test_training_steps_reuse_freed_activations_instead_of_faulting_them_back():
     default, kept = faults_per_step("default"), faults_per_step("keep")
-    assert default > 500  # glibc unmaps and trims freed activations every step (700-3,700 measured)
+    assert default > 200  # glibc unmaps and trims freed activations every step (1,200-3,700 measured alone,
+    # 403 once beside a parallel test run: glibc's mmap threshold adapts to what was freed before)
     assert kept < default / 10  # 15-50 measured: the heap's own growth, not the activations
 
 

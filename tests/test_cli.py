@@ -34,3 +34,9 @@ def test_list_writes_defaults_as_a_config_would(capsys):
     listed = capsys.readouterr().out
     assert "kv_heads: int | null >= 1 = null" in listed and "use_sdpa: bool = false" in listed
     assert not any(f"= {python}" in listed for python in ("None", "False", "True", "'"))
+
+
+def test_a_directory_that_is_not_a_finished_run_is_named(tmp_path, capsys):
+    assert main(["generate", "--run", str(tmp_path), "--prompt", "a"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"tcompare generate: error: {tmp_path} is not a finished tcompare run: config.yaml is missing")

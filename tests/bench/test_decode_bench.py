@@ -80,7 +80,7 @@ def test_a_failing_case_is_recorded_not_raised(tmp_path: Path) -> None:
     (["--config", "CONFIG", "--new_tokens", "0"], "--new_tokens must be >= 1"),
     (["--config", "CONFIG", "--position_embedding", "learned"], "--position_embedding: unknown learned; valid: sinusoidal"),
     (["--config", "CONFIG", "model.d_model=30"], "not divisible by model.num_heads"),
-    (["--run", "RUN"], "is not a finished tcompare run"),
+    (["--run", "RUN"], "no-run does not exist"),
 ])
 def test_bad_input_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], message: str) -> None:
     config = tiny_config(tmp_path)
