@@ -242,6 +242,32 @@ def test_a_missing_dataset_is_one_error_before_anything_is_written(tiny_config, 
     assert not out.exists()
 
 
+def test_the_data_checked_is_each_swept_dataset(tiny_config, tmp_path, monkeypatch, capsys):
+    from transformer_comparison.compare import command
+    from transformer_comparison.errors import UserError
+
+    dataset = yaml.safe_load(tiny_config.read_text())["data"]["dataset"]
+    absent = str(tmp_path / "absent.txt")
+    out = tmp_path / "grid"
+    grid = ["--attention_types", "dot_product", "--position_embeddings", "rope"]
+    assert main(compare_args(tiny_config, out, *grid, "--sweep", f"data.dataset={dataset},{absent}")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "absent.txt" in err[0] and not out.exists(), err
+
+    def prepare(data, vocab_size):
+        prepared.append(data.dataset)
+        raise UserError("checked")  # stop before anything trains
+
+    prepared: list[str] = []
+    monkeypatch.setattr(command, "prepare_data", prepare)
+    config = yaml.safe_load(tiny_config.read_text())
+    config["data"]["dataset"] = absent
+    elsewhere = tmp_path / "elsewhere.yaml"
+    elsewhere.write_text(yaml.safe_dump(config))
+    assert main(compare_args(elsewhere, out, *grid, "--sweep", f"data.dataset={dataset}")) == 2
+    assert prepared == [dataset] and not out.exists()  # the swept dataset, not the base config's
+
+
 def test_the_data_is_prepared_only_while_some_run_is_left_to_train(tiny_comparison, tiny_config, tmp_path, monkeypatch):
     from transformer_comparison.compare import command
 

@@ -218,11 +218,12 @@ def test_overwrite_removes_every_file_of_the_old_run(finished, tmp_path, cli):
     run_dir = copy_run(finished, tmp_path / "run")
     (run_dir / "extrapolation.csv").write_text("eval_length\n64\n")
     (run_dir / "extrapolation-yarn4.csv").write_text("eval_length\n64\n")  # eval --rope_scaling yarn's
+    (run_dir / "extrapolation-notes.csv").write_text("mine\n")  # a user's file, not the run's
     (run_dir / "train.log").write_text("kept: the comparison's log\n")
     result = cli("train", "--config", str(finished[0]), "--out", str(run_dir), "--overwrite", "training.max_steps=2")
     assert result.returncode == 0, result.stderr
     assert not (run_dir / "extrapolation.csv").exists() and not (run_dir / ".replaced").exists()
-    assert not (run_dir / "extrapolation-yarn4.csv").exists()
+    assert not (run_dir / "extrapolation-yarn4.csv").exists() and (run_dir / "extrapolation-notes.csv").read_text() == "mine\n"
     assert read_summary(run_dir).steps == 2 and (run_dir / "train.log").read_text().startswith("kept")
 
 

@@ -55,7 +55,7 @@ def _load_failure(path: Path, error: Exception) -> str:
     text = str(error).strip()
     if not text:
         return type(error).__name__
-    sentence = re.split(r"(?<=[.:])\s", text.splitlines()[0], maxsplit=1)[0].rstrip(".:")
+    sentence = re.split(r"(?<=\.)\s", text.splitlines()[0], maxsplit=1)[0].rstrip(".")
     return f"{type(error).__name__}: {sentence if len(sentence) <= 120 else sentence[:117] + '...'}"
 
 

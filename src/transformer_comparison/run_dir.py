@@ -14,6 +14,7 @@ checkpoint or summary; if the new run fails before its first step, they are move
 
 from __future__ import annotations
 
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -21,13 +22,15 @@ from pathlib import Path
 from transformer_comparison.artifacts import run as artifacts
 from transformer_comparison.artifacts.run import EvalRecord, MetricRecord, RunSummary
 from transformer_comparison.errors import UserError
+from transformer_comparison.position.rope import ROPE_SCALINGS
 from transformer_comparison.run_lock import LOCK_FILE, DirectoryLock
 
 # Everything `tcompare train` (and `tcompare eval` beside it) writes in a run directory.
 RUN_FILES = (artifacts.CONFIG_FILE, artifacts.TOKENIZER_FILE, artifacts.METRICS_FILE, artifacts.SUMMARY_FILE,
              artifacts.IDENTITY_FILE, "checkpoints", "wandb", "extrapolation.csv", "extrapolation.png")
-# tcompare eval's outputs under --rope_scaling (evaluate.default_csv), one pair per scaling.
-RUN_FILE_PATTERNS = ("extrapolation-*.csv", "extrapolation-*.png")
+# tcompare eval's outputs under --rope_scaling (evaluate.default_csv), one pair per scaling and factor:
+# extrapolation-yarn16.csv, extrapolation-linear2.5.png; a user's extrapolation-notes.csv is not the run's.
+SCALED_EVALUATION = re.compile(rf"extrapolation-({'|'.join(s for s in ROPE_SCALINGS if s != 'none')})[0-9][0-9.e+]*\.(csv|png)")
 # Files a run directory may hold that are not the run's own: kept by --overwrite, ignored when deciding
 # whether the directory is empty (tcompare compare opens train.log before it starts the trainer).
 COMPANION_FILES = frozenset({"train.log", "cell.json", LOCK_FILE})
@@ -37,8 +40,8 @@ REPLACED_DIR = ".replaced"
 def run_files(folder: Path) -> list[str]:
     """The names of everything the run in `folder` may have written: RUN_FILES (present or not) and the
     scaled evaluations present."""
-    scaled = {path.name for pattern in RUN_FILE_PATTERNS for path in folder.glob(pattern)}
-    return [*RUN_FILES, *sorted(scaled)]
+    scaled = sorted(path.name for path in folder.glob("extrapolation-*") if SCALED_EVALUATION.fullmatch(path.name))
+    return [*RUN_FILES, *scaled]
 
 
 def check_run_path(path: Path, option: str = "--out") -> None:

@@ -24,7 +24,7 @@ from transformer_comparison.compare.executors import LocalExecutor, RayExecutor,
 from transformer_comparison.compare.extras import PROBES, run_extras
 from transformer_comparison.compare.plan import Cell, Plan, comma_list, count, make_plan
 from transformer_comparison.compare.sweeps import split_sweep
-from transformer_comparison.config import config_to_yaml
+from transformer_comparison.config import config_to_yaml, with_overrides
 from transformer_comparison.data import prepare_data
 from transformer_comparison.errors import UserError
 from transformer_comparison.presets import PRESETS, Preset
@@ -225,11 +225,19 @@ def prepare_output_dir(plan: Plan, existing: Comparison | None, command: str, jo
 
 
 def check_data(plan: Plan) -> None:
-    """Prepare the comparison's data once, before anything is written, when some run is still to train: a
-    missing or unreadable dataset is then one error, not a failure in every cell (which then find the
-    tokens cached). A finished grid rebuilds its report without the data."""
-    if any(cell_action(plan.run_dir(cell)) != "skip" for cell in plan.cells):
-        prepare_data(plan.config.data, plan.config.model.vocab_size)
+    """Prepare, before anything is written, the data of every run still to train, once per distinct data
+    section and vocabulary (a sweep may change them): a missing or unreadable dataset is then one error,
+    not a failure in every cell (which then find the tokens cached). A finished grid rebuilds its report
+    without the data."""
+    prepared = set()
+    for cell in plan.cells:
+        if cell_action(plan.run_dir(cell)) == "skip":
+            continue
+        cfg = with_overrides(plan.config, cell.sweep_overrides)
+        key = (cfg.data.model_dump_json(), cfg.model.vocab_size)
+        if key not in prepared:
+            prepare_data(cfg.data, cfg.model.vocab_size)
+            prepared.add(key)
 
 
 def cell_job(plan: Plan, cell: Cell, group: str, executor: str) -> CellJob:

@@ -133,8 +133,8 @@ def statement(summary: pd.DataFrame, setting: tuple[int, int], raw: list[ProbeRo
     near_chance = sorted(label(r) for r in top.itertuples() if r.accuracy <= CHANCE_MULTIPLE / pairs)
     if near_chance:
         convolved = any(row.short_conv for row in raw)
-        sentences.append(f"{_listed(near_chance)} score at most {CHANCE_MULTIPLE:g}/D = {CHANCE_MULTIPLE / pairs:.2f}, no "
-                         f"better than answering with any value of the context (1/D = {1 / pairs:.2f}): they have not "
+        sentences.append(f"{_listed(near_chance)} score at most {CHANCE_MULTIPLE:g}/D = {CHANCE_MULTIPLE / pairs:.2f} "
+                         f"(answering with any value of the context scores 1/D = {1 / pairs:.2f}): they have not "
                          "bound keys to the values next to them"
                          + ("." if convolved else
                             "; a fixed-state mechanism needs a token mixer for that, as the papers' models have "
