@@ -46,6 +46,7 @@ from transformer_comparison.errors import UserError
 from transformer_comparison.numerics import prepare_process
 from transformer_comparison.plots import Panel, loglog_figure, number, save_png
 from transformer_comparison.resources import check_fits, evaluation_memory, is_out_of_memory
+from transformer_comparison.run_dir import evaluation_csv
 from transformer_comparison.validation import windows_to_batch
 
 __all__ = ["CSV_COLUMNS", "evaluate_lengths", "plot_extrapolation", "read_extrapolation_csv", "score_windows", "window_plan"]
@@ -252,12 +253,6 @@ def load_run_and_validation(run_dir: Path, device: torch.device) -> tuple[torch.
     return model.to(device).eval(), data.val, cfg
 
 
-def default_csv(run_dir: Path, scaling: str) -> Path:
-    """RUN/extrapolation.csv, or RUN/extrapolation-KINDFACTOR.csv under a RoPE scaling ("yarn:16" ->
-    extrapolation-yarn16.csv): an evaluation never replaces another's results."""
-    return run_dir / ("extrapolation.csv" if scaling == "none" else f"extrapolation-{scaling.replace(':', '')}.csv")
-
-
 def run(args: argparse.Namespace) -> int:
     lengths = parse_lengths(args.lengths)
     stride = None if args.stride is None else positive_int("--stride", args.stride)
@@ -279,7 +274,7 @@ def run(args: argparse.Namespace) -> int:
         factor = args.rope_scaling_factor or max(1.0, max(lengths) / cfg.model.context_length)
         model, cfg = with_position_scaling(model, cfg, kind, factor)
         scaling = f"{kind}:{factor:g}"
-    out_csv: Path = args.out or default_csv(run_dir, scaling)
+    out_csv: Path = args.out or evaluation_csv(run_dir, scaling)
     check_eval_memory(model, cfg, [n for n in lengths if window_plan(len(val), n, stride, 1).num_windows], batch_size, device)
     try:
         rows, skipped = evaluate_lengths(model, val, lengths, stride, max_windows, batch_size, device)

@@ -28,13 +28,19 @@ from transformer_comparison.run_lock import LOCK_FILE, DirectoryLock
 # Everything `tcompare train` (and `tcompare eval` beside it) writes in a run directory.
 RUN_FILES = (artifacts.CONFIG_FILE, artifacts.TOKENIZER_FILE, artifacts.METRICS_FILE, artifacts.SUMMARY_FILE,
              artifacts.IDENTITY_FILE, "checkpoints", "wandb", "extrapolation.csv", "extrapolation.png")
-# tcompare eval's outputs under --rope_scaling (evaluate.default_csv), one pair per scaling and factor:
+# tcompare eval's outputs under --rope_scaling (`evaluation_csv`), one pair per scaling and factor:
 # extrapolation-yarn16.csv, extrapolation-linear2.5.png; a user's extrapolation-notes.csv is not the run's.
 SCALED_EVALUATION = re.compile(rf"extrapolation-({'|'.join(s for s in ROPE_SCALINGS if s != 'none')})[0-9][0-9.e+]*\.(csv|png)")
 # Files a run directory may hold that are not the run's own: kept by --overwrite, ignored when deciding
 # whether the directory is empty (tcompare compare opens train.log before it starts the trainer).
 COMPANION_FILES = frozenset({"train.log", "cell.json", LOCK_FILE})
 REPLACED_DIR = ".replaced"
+
+
+def evaluation_csv(run_dir: Path, scaling: str) -> Path:
+    """Where `tcompare eval` writes by default: RUN/extrapolation.csv, or RUN/extrapolation-KINDFACTOR.csv
+    under a RoPE scaling ("yarn:16" -> extrapolation-yarn16.csv), so an evaluation never replaces another's."""
+    return run_dir / ("extrapolation.csv" if scaling == "none" else f"extrapolation-{scaling.replace(':', '')}.csv")
 
 
 def run_files(folder: Path) -> list[str]:

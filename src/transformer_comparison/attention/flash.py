@@ -207,7 +207,6 @@ class _ShiftedSoftmax(_SoftmaxSums):
     def __init__(self, bound: Tensor, p: Tensor, v_block: Tensor, need_entropy: bool) -> None:
         """From the first tile's p = 2^(s - bound), (B*KV, rows, keys), and its values."""
         self.shift = bound
-        self.guard = torch.finfo(bound.dtype).tiny ** 0.5
         self.l = p.sum(-1, keepdim=True)
         self.acc = torch.bmm(p, v_block)
         self.plogp = torch.xlogy(p, p).sum(-1, keepdim=True) if need_entropy else None
@@ -217,6 +216,11 @@ class _ShiftedSoftmax(_SoftmaxSums):
         self.acc.baddbmm_(p, v_block)
         if self.plogp is not None:
             self.plogp.add_(torch.xlogy(p, p).sum(-1, keepdim=True))
+
+    @property
+    def guard(self) -> float:
+        """sqrt(tiny) of the sums' dtype: 2^-63 in float32."""
+        return torch.finfo(self.l.dtype).tiny ** 0.5
 
     def underflowed(self) -> bool:
         """Whether some row's sum fell below the guard; never on the meta device, whose tensors hold no
