@@ -1,13 +1,89 @@
 #!/usr/bin/env bash
-# On a machine with a CUDA GPU: the GPU-marked tests and a short kernel benchmark (one round: under 5 minutes).
-# Uses .venv when its torch sees CUDA, else the python on PATH (which must have a CUDA torch).
+# The CUDA check (issue 14), made for one call of the lent GPU machine, whose image has torch but
+# reaches no package index (docs/benchmarks.md, "On a CUDA GPU"):
+#
+#   here:   bash scripts/gpu_wheels.sh        # the packages that image lacks, as wheels in .whl/
+#   device: run(command="bash scripts/gpu_check.sh", carry=[".whl"], timeout_s=600)
+#
+# Five steps, each under its own time limit (570 s in all); a failed step is noted and the next one runs.
+# The log and each benchmark's CSV go to $OUT (or results/gpu_check) as each step ends:
+#   1. versions and the GPU;  2. the CUDA tests (tests/test_gpu.py);
+#   3. flash against torch's SDPA, forward + backward at 4096 and 16384 tokens, three rounds;
+#   4. every kernel at 4096 tokens, both passes, one round;  5. cached decoding at 1024 and 8192 tokens.
+# --dry-run: the same steps on the CPU at tiny lengths, to check the script itself without a GPU
+# (tests/test_gpu_check.py). PYTHON picks the interpreter (default python3, the GPU image's); WHEELS the
+# folder of wheels to install first (default .whl, if it holds any).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=.venv/bin/python
-if ! [ -x "$PY" ] || ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
-  PY=python3
-  "$PY" -m pip install --quiet --no-deps -e . >/dev/null
+if [ "${1:-}" = "--dry-run" ]; then
+  device=cpu flash_lengths=64 rounds=1 all_lengths=64 some=flash,torch_sdpa passes=forward min_run_time=0.01
+  decoders=flash,dot_product contexts=32 new_tokens=2
+elif [ $# -gt 0 ]; then
+  echo "usage: scripts/gpu_check.sh [--dry-run]" >&2
+  exit 2
+else
+  device=cuda flash_lengths=4096,16384 rounds=3 all_lengths=4096 some= passes=forward,forward_backward min_run_time=0.2
+  decoders= contexts=1024,8192 new_tokens=16  # some, decoders: empty for every registered mechanism
 fi
-"$PY" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device visible to torch'; print(torch.__version__, torch.cuda.get_device_name())"
-"$PY" -m pytest -q -m gpu tests/test_gpu.py
-"$PY" -m transformer_comparison bench kernels --device cuda --lengths 1024,4096,16384 --timeout 60 --min_run_time 0.2 --repeats 1 --out "${OUT:-results}/gpu_bench"
+PY="${PYTHON:-python3}"
+OUT_DIR="${OUT:-results/gpu_check}"
+if [ -n "${GPU_CHECK_WORK:-}" ]; then
+  WORK="$GPU_CHECK_WORK"
+else
+  WORK="$(mktemp -d)" && trap 'rm -rf "$WORK"' EXIT
+fi  # WORK: the benchmarks' full output (plots too) and the installed wheels; only logs and CSVs go to OUT_DIR
+mkdir -p "$OUT_DIR" "$WORK"
+
+wheels="${WHEELS:-.whl}"
+if compgen -G "$wheels/*.whl" >/dev/null; then  # carried wheels (scripts/gpu_wheels.sh), installed offline
+  site="$WORK/site"
+  "$PY" -m pip install --quiet --disable-pip-version-check --no-index --no-deps --no-compile --no-cache-dir \
+    --upgrade --target "$site" "$wheels"/*.whl
+  export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TQDM_DISABLE=1
+if ! "$PY" -c "import transformer_comparison.cli" 2>"$WORK/import.log"; then
+  echo "gpu_check: $PY cannot import the project ($(tail -n 1 "$WORK/import.log")); run scripts/gpu_wheels.sh here and carry .whl" >&2
+  exit 1
+fi
+
+log="$OUT_DIR/check.log"
+: >"$log"
+failed=()
+step() {  # step NAME SECONDS COMMAND...: run it under a time limit into the log; a failure is noted, not fatal
+  local name=$1 limit=$2 status=0
+  shift 2
+  echo "== $name" | tee -a "$log"
+  timeout "$limit" "$@" 2>&1 | tee -a "$log" || status=$?
+  if [ "$status" -ne 0 ]; then
+    failed+=("$name")
+    echo "== $name: failed with exit status $status$([ "$status" -eq 124 ] && echo " (over its $limit s)")" | tee -a "$log"
+  fi
+}
+keep() {  # keep FILE NAME: copy a benchmark's CSV (written case by case, so partial after a failure) to OUT_DIR
+  if [ -f "$1" ]; then cp "$1" "$OUT_DIR/$2"; fi
+}
+# Limits sum to 570 s, inside the device tool's 600 s per call.
+step "1. versions" 30 "$PY" -c "
+import sys, torch
+assert '$device' == 'cpu' or torch.cuda.is_available(), 'no CUDA device visible to torch'
+name = torch.cuda.get_device_name() if '$device' == 'cuda' else 'cpu (dry run)'
+print(f'python {sys.version.split()[0]}, torch {torch.__version__} (CUDA {torch.version.cuda}), device {name}')"
+step "2. CUDA tests" 90 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py
+step "3. flash against SDPA" 150 "$PY" -m transformer_comparison bench kernels --device "$device" \
+  --mechanisms flash,torch_sdpa --lengths "$flash_lengths" --passes forward_backward --repeats "$rounds" \
+  --timeout 60 --min_run_time "$min_run_time" --out "$WORK/flash"
+keep "$WORK/flash/kernels.csv" flash_kernels.csv
+step "4. every kernel" 210 "$PY" -m transformer_comparison bench kernels --device "$device" ${some:+--mechanisms "$some"} \
+  --lengths "$all_lengths" --passes "$passes" --repeats 1 --timeout 60 --min_run_time "$min_run_time" --out "$WORK/all"
+keep "$WORK/all/kernels.csv" all_kernels.csv
+step "5. cached decoding" 90 "$PY" -m transformer_comparison bench decode --config configs/config.yaml \
+  --device "$device" ${decoders:+--mechanisms "$decoders"} --contexts "$contexts" --new_tokens "$new_tokens" --timeout 60 \
+  --out "$WORK/decode"
+keep "$WORK/decode/decode.csv" decode.csv
+
+if [ ${#failed[@]} -gt 0 ]; then
+  echo "gpu_check: failed: ${failed[*]}; logs and CSVs in $OUT_DIR" | tee -a "$log"
+  exit 1
+fi
+echo "gpu_check: every step passed; logs and CSVs in $OUT_DIR" | tee -a "$log"

@@ -1,0 +1,69 @@
+"""scripts/gpu_check.sh, the check made for one call of a lent GPU machine, run here as a dry run on the
+CPU (so that the first GPU session does not spend its device time on a broken script), and the pins of
+the wheels carried there (requirements-gpu.txt)."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from importlib.metadata import requires, version
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "gpu_check.sh"
+
+
+def pins(path: Path) -> dict[str, str]:
+    """name -> version of the `name==version` lines of a requirements file, names normalised."""
+    lines = (line.split("#")[0].strip() for line in path.read_text().splitlines())
+    return {name.lower().replace("_", "-"): pin for name, pin in (line.split("==") for line in lines if line)}
+
+
+def check(tmp_path: Path, *args: str, python: str = sys.executable) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHON": python, "OUT": str(tmp_path / "out"), "GPU_CHECK_WORK": str(tmp_path / "work"),
+           "WHEELS": str(tmp_path / "no_wheels")}  # a developer's .whl/ holds wheels for the GPU image's Python
+    return subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True, env=env, timeout=600)
+
+
+def test_the_carried_wheels_are_the_versions_this_project_is_tested_with():
+    carried, required = pins(ROOT / "requirements-gpu.txt"), pins(ROOT / "requirements.txt")
+    assert {"pydantic", "pooch"} <= carried.keys()
+    for name, pin in carried.items():
+        assert version(name) == pin, f"requirements-gpu.txt pins {name}=={pin}, the tested venv has {version(name)}"
+        assert required.get(name, pin) == pin
+    assert f"pydantic-core=={carried['pydantic-core']}" in [r.replace("_", "-").replace(" ", "") for r in requires("pydantic")]
+
+
+@pytest.mark.slow
+def test_a_dry_run_runs_every_step_and_keeps_each_benchmarks_csv(tmp_path):
+    result = check(tmp_path, "--dry-run")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    log = (tmp_path / "out" / "check.log").read_text()
+    for step in ("1. versions", "2. CUDA tests", "3. flash against SDPA", "4. every kernel", "5. cached decoding"):
+        assert f"== {step}\n" in log
+    assert "device cpu (dry run)" in log and "every step passed" in log and "failed" not in log
+    for name, mechanisms in (("flash_kernels.csv", {"flash", "torch_sdpa"}), ("all_kernels.csv", {"flash", "torch_sdpa"}),
+                             ("decode.csv", {"flash", "dot_product"})):
+        rows = list(csv.DictReader((tmp_path / "out" / name).open()))
+        assert {row["mechanism"] for row in rows} == mechanisms and {row["status"] for row in rows} == {"ok"}
+    assert not list((tmp_path / "out").glob("*.png"))  # the device tool brings back at most 8 files
+
+
+def test_a_python_that_cannot_import_the_project_is_one_line_naming_the_fix(tmp_path):
+    fake = tmp_path / "python"
+    fake.write_text("#!/bin/sh\necho \"ModuleNotFoundError: No module named 'pydantic'\" >&2\nexit 1\n")
+    fake.chmod(0o755)
+    result = check(tmp_path, "--dry-run", python=str(fake))
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"gpu_check: {fake} cannot import the project (ModuleNotFoundError: No module named 'pydantic'); "
+        "run scripts/gpu_wheels.sh here and carry .whl"]
+
+
+def test_an_unknown_argument_is_a_usage_error(tmp_path):
+    result = check(tmp_path, "--gpu")
+    assert result.returncode == 2 and result.stderr.startswith("usage: scripts/gpu_check.sh [--dry-run]")
