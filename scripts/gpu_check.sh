@@ -5,24 +5,27 @@
 #   here:   bash scripts/gpu_wheels.sh        # the packages that image lacks, as wheels in .whl/
 #   device: run(command="bash scripts/gpu_check.sh", carry=[".whl"], timeout_s=600)
 #
-# Five steps, each under its own time limit (570 s in all); a failed step is noted and the next one runs.
+# Seven steps, each under its own time limit (570 s in all); a failed step is noted and the next one runs.
 # The log and each benchmark's CSV go to $OUT (or results/gpu_check) as each step ends:
 #   1. versions and the GPU;  2. the CUDA tests (tests/test_gpu.py);
 #   3. flash against torch's SDPA, forward + backward at 4096 and 16384 tokens, three rounds;
-#   4. every kernel at 4096 tokens, both passes, one round;  5. cached decoding at 1024 and 8192 tokens.
+#   4, 5. the same, one round, with flash's tiles of 1024 and 4096 keys (the default, 256, suits a CPU);
+#   6. every kernel at 4096 tokens, forward + backward, one round;  7. cached decoding at 1024 and 8192 tokens.
 # --dry-run: the same steps on the CPU at tiny lengths, to check the script itself without a GPU
 # (tests/test_gpu_check.py). PYTHON picks the interpreter (default python3, the GPU image's); WHEELS the
 # folder of wheels to install first (default .whl, if it holds any).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ "${1:-}" = "--dry-run" ]; then
-  device=cpu flash_lengths=64 rounds=1 all_lengths=64 some=flash,torch_sdpa passes=forward min_run_time=0.01
+  device=cpu flash_lengths=64 rounds=1 tile_sizes="16 32" all_lengths=64 some=flash,torch_sdpa passes=forward
+  min_run_time=0.01
   decoders=flash,dot_product contexts=32 new_tokens=2
 elif [ $# -gt 0 ]; then
   echo "usage: scripts/gpu_check.sh [--dry-run]" >&2
   exit 2
 else
-  device=cuda flash_lengths=4096,16384 rounds=3 all_lengths=4096 some= passes=forward,forward_backward min_run_time=0.2
+  device=cuda flash_lengths=4096,16384 rounds=3 tile_sizes="1024 4096" all_lengths=4096 some= passes=forward_backward
+  min_run_time=0.2
   decoders= contexts=1024,8192 new_tokens=16  # some, decoders: empty for every registered mechanism
 fi
 PY="${PYTHON:-python3}"
@@ -74,12 +77,21 @@ step "3. flash against SDPA" 150 "$PY" -m transformer_comparison bench kernels -
   --mechanisms flash,torch_sdpa --lengths "$flash_lengths" --passes forward_backward --repeats "$rounds" \
   --timeout 60 --min_run_time "$min_run_time" --out "$WORK/flash"
 keep "$WORK/flash/kernels.csv" flash_kernels.csv
-step "4. every kernel" 210 "$PY" -m transformer_comparison bench kernels --device "$device" ${some:+--mechanisms "$some"} \
-  --lengths "$all_lengths" --passes "$passes" --repeats 1 --timeout 60 --min_run_time "$min_run_time" --out "$WORK/all"
+number=4
+for tiles in $tile_sizes; do  # the default tile suits 2 CPU threads; a GPU's launches may want fewer, larger tiles
+  step "$number. flash, $tiles-key tiles" 60 "$PY" -m transformer_comparison bench kernels --device "$device" \
+    --mechanisms flash,torch_sdpa --lengths "$flash_lengths" --passes forward_backward --repeats 1 --timeout 60 \
+    --min_run_time "$min_run_time" --out "$WORK/flash$tiles" "attention.flash.block_size=$tiles"
+  keep "$WORK/flash$tiles/kernels.csv" "flash${tiles}_kernels.csv"
+  number=$((number + 1))
+done
+step "$number. every kernel" 120 "$PY" -m transformer_comparison bench kernels --device "$device" \
+  ${some:+--mechanisms "$some"} --lengths "$all_lengths" --passes "$passes" --repeats 1 --timeout 60 \
+  --min_run_time "$min_run_time" --out "$WORK/all"
 keep "$WORK/all/kernels.csv" all_kernels.csv
-step "5. cached decoding" 90 "$PY" -m transformer_comparison bench decode --config configs/config.yaml \
-  --device "$device" ${decoders:+--mechanisms "$decoders"} --contexts "$contexts" --new_tokens "$new_tokens" --timeout 60 \
-  --out "$WORK/decode"
+step "$((number + 1)). cached decoding" 60 "$PY" -m transformer_comparison bench decode --config configs/config.yaml \
+  --device "$device" ${decoders:+--mechanisms "$decoders"} --contexts "$contexts" --new_tokens "$new_tokens" \
+  --timeout 60 --out "$WORK/decode"
 keep "$WORK/decode/decode.csv" decode.csv
 
 if [ ${#failed[@]} -gt 0 ]; then

@@ -43,14 +43,20 @@ def test_a_dry_run_runs_every_step_and_keeps_each_benchmarks_csv(tmp_path):
     result = check(tmp_path, "--dry-run")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     log = (tmp_path / "out" / "check.log").read_text()
-    for step in ("1. versions", "2. CUDA tests", "3. flash against SDPA", "4. every kernel", "5. cached decoding"):
-        assert f"== {step}\n" in log
+    steps = ("1. versions", "2. CUDA tests", "3. flash against SDPA", "4. flash, 16-key tiles", "5. flash, 32-key tiles",
+             "6. every kernel", "7. cached decoding")
+    assert [line[3:] for line in log.splitlines() if line.startswith("== ")] == list(steps)
     assert "device cpu (dry run)" in log and "every step passed" in log and "failed" not in log
-    for name, mechanisms in (("flash_kernels.csv", {"flash", "torch_sdpa"}), ("all_kernels.csv", {"flash", "torch_sdpa"}),
-                             ("decode.csv", {"flash", "dot_product"})):
+    kernels = {"flash", "torch_sdpa"}
+    expected = {"flash_kernels.csv": kernels, "flash16_kernels.csv": kernels, "flash32_kernels.csv": kernels,
+                "all_kernels.csv": kernels, "decode.csv": {"flash", "dot_product"}}
+    for name, mechanisms in expected.items():
         rows = list(csv.DictReader((tmp_path / "out" / name).open()))
         assert {row["mechanism"] for row in rows} == mechanisms and {row["status"] for row in rows} == {"ok"}
-    assert not list((tmp_path / "out").glob("*.png"))  # the device tool brings back at most 8 files
+    tiles = {row["options"] for row in csv.DictReader((tmp_path / "out" / "flash16_kernels.csv").open())}
+    assert "block_size=16 use_sdpa=False" in tiles
+    # the device tool brings back at most 8 files: the log and the CSVs, not the plots
+    assert sorted(path.name for path in (tmp_path / "out").iterdir()) == sorted(["check.log", *expected])
 
 
 def test_a_python_that_cannot_import_the_project_is_one_line_naming_the_fix(tmp_path):
