@@ -40,3 +40,16 @@ def test_a_directory_that_is_not_a_finished_run_is_named(tmp_path, capsys):
     assert main(["generate", "--run", str(tmp_path), "--prompt", "a"]) == 2
     assert capsys.readouterr().err.strip() == (
         f"tcompare generate: error: {tmp_path} is not a finished tcompare run: config.yaml is missing")
+
+
+def test_version_names_the_package_torch_and_python(capsys):
+    import platform
+    import re
+
+    import torch
+
+    pyproject = (Path(CONFIG).parents[1] / "pyproject.toml").read_text()  # tomllib is Python 3.11+
+    project = re.search(r'^version = "(.+)"$', pyproject, re.MULTILINE).group(1)
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == (
+        f"tcompare {project} (torch {torch.__version__}, Python {platform.python_version()})")

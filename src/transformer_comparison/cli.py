@@ -10,11 +10,14 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import platform
 import re
 import sys
 from collections.abc import Sequence
+from importlib.metadata import PackageNotFoundError, version
 from typing import NoReturn
 
+from transformer_comparison import __version__
 from transformer_comparison.errors import UserError
 from transformer_comparison.openmp import shorten_spin_wait
 
@@ -40,9 +43,19 @@ class OneLineParser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
+def versions() -> str:
+    """This package's version and the torch and Python it runs on, read without importing torch."""
+    try:
+        torch_version = version("torch")
+    except PackageNotFoundError:  # a torch built from source and never installed as a distribution
+        torch_version = "unknown"
+    return f"tcompare {__version__} (torch {torch_version}, Python {platform.python_version()})"
+
+
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     """The full parser; with `only`, the named sub-command's module is the only one imported."""
     parser = OneLineParser(prog="tcompare", description="Compare attention mechanisms and positional encodings on language modelling.")
+    parser.add_argument("--version", action="version", version=versions())
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
         sub = subparsers.add_parser(name, help=help_text, description=help_text)
