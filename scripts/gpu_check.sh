@@ -16,17 +16,16 @@
 # folder of wheels to install first (default .whl, if it holds any).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# Lengths, rounds and flash's tile sizes; `some` and `decoders` are the mechanisms (empty: every one).
 if [ "${1:-}" = "--dry-run" ]; then
-  device=cpu flash_lengths=64 rounds=1 tile_sizes="16 32" all_lengths=64 some=flash,torch_sdpa passes=forward
-  min_run_time=0.01
-  decoders=flash,dot_product contexts=32 new_tokens=2
+  device=cpu flash_lengths=64 rounds=1 tile_sizes="16 32" min_run_time=0.01
+  all_lengths=64 some=flash,torch_sdpa passes=forward decoders=flash,dot_product contexts=32 new_tokens=2
 elif [ $# -gt 0 ]; then
   echo "usage: scripts/gpu_check.sh [--dry-run]" >&2
   exit 2
 else
-  device=cuda flash_lengths=4096,16384 rounds=3 tile_sizes="1024 4096" all_lengths=4096 some= passes=forward_backward
-  min_run_time=0.2
-  decoders= contexts=1024,8192 new_tokens=16  # some, decoders: empty for every registered mechanism
+  device=cuda flash_lengths=4096,16384 rounds=3 tile_sizes="1024 4096" min_run_time=0.2
+  all_lengths=4096 some= passes=forward_backward decoders= contexts=1024,8192 new_tokens=16
 fi
 PY="${PYTHON:-python3}"
 OUT_DIR="${OUT:-results/gpu_check}"

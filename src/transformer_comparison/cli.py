@@ -14,7 +14,6 @@ import platform
 import re
 import sys
 from collections.abc import Sequence
-from importlib.metadata import PackageNotFoundError, version
 from typing import NoReturn
 
 from transformer_comparison import __version__
@@ -44,12 +43,10 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def versions() -> str:
-    """This package's version and the torch and Python it runs on, read without importing torch."""
-    try:
-        torch_version = version("torch")
-    except PackageNotFoundError:  # a torch built from source and never installed as a distribution
-        torch_version = "unknown"
-    return f"tcompare {__version__} (torch {torch_version}, Python {platform.python_version()})"
+    """This package's version and the torch (with its build tag, e.g. +cpu) and Python it runs on."""
+    import torch  # already imported by the commands' modules
+
+    return f"tcompare {__version__} (torch {torch.__version__}, Python {platform.python_version()})"
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:

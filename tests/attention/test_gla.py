@@ -79,7 +79,11 @@ def test_layer_inputs_gate_and_its_gradients_match_the_paper():
 
 
 def test_the_models_initialisation_starts_the_gate_near_the_papers():
-    """Linear std 1/sqrt(fan_in), zero biases (the model's init): alpha about 0.5^(1/16) = 0.96."""
+    """Linear std 1/sqrt(fan_in), zero biases (the model's init): alpha about 0.5^(1/16) = 0.96.
+
+    Seeded, and the tail read as a percentile: the minimum of the 12,800 gates fell to 0.68-0.79
+    across seeds (below an earlier bound of 0.7 for one seed in eight), the 1st percentile stays at 0.85-0.86."""
+    torch.manual_seed(0)
     gate = build_attention(NAME).layer_inputs(64, 4, 16)
     for linear in (gate.down, gate.up):
         torch.nn.init.normal_(linear.weight, std=linear.in_features**-0.5)
@@ -87,7 +91,8 @@ def test_the_models_initialisation_starts_the_gate_near_the_papers():
     alpha = gate(torch.randn(4, 50, 64))["log_decay"].exp()
     assert alpha.shape == (4, 4, 50, 16)
     alpha = alpha.detach()
-    assert 0.94 < float(alpha.mean()) < 0.97 and float(alpha.min()) > 0.7
+    assert 0.94 < float(alpha.mean()) < 0.97 and float(alpha.quantile(0.01)) > 0.8
+    assert abs(float(alpha.median()) - 0.5 ** (1 / 16)) < 0.005  # log alpha = logsigmoid(z) / 16, z centred on 0
 
 
 @pytest.mark.parametrize("position", ["none", "alibi+rope"])
