@@ -4,15 +4,21 @@
 # tool carries: run(command="bash scripts/gpu_check.sh", carry=[".whl"]). That machine reaches no
 # package index; scripts/gpu_check.sh installs the wheels there with --no-index.
 #
-#   scripts/gpu_wheels.sh [PYTHON_VERSION]   # default 3.12, the GPU image's Python (3.11 for a dry run here)
+#   scripts/gpu_wheels.sh [PYTHON_VERSION]
+#
+# The default, 3.12, is the GPU image's Python and writes .whl/. Another version writes .whl-VERSION/
+# (for a dry run against that Python: WHEELS=.whl-3.11 scripts/gpu_check.sh --dry-run), so that
+# wheels the GPU's Python cannot install are never carried by mistake. PYTHON: the pip to use.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 version="${1:-3.12}"
-rm -rf .whl
+folder=.whl
+if [ "$version" != 3.12 ]; then folder=".whl-$version"; fi
+rm -rf "$folder"
 platforms=()
 for platform in manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64; do
   platforms+=(--platform "$platform")
 done
-python3 -m pip download --quiet --disable-pip-version-check --no-deps --only-binary=:all: \
-  --python-version "$version" --implementation cp "${platforms[@]}" -d .whl -r requirements-gpu.txt
-ls .whl
+"${PYTHON:-python3}" -m pip download --quiet --disable-pip-version-check --no-deps --only-binary=:all: \
+  --python-version "$version" --implementation cp "${platforms[@]}" -d "$folder" -r requirements-gpu.txt
+ls "$folder"

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import platform
+import re
 from pathlib import Path
 
 import pytest
+import torch
 
 from transformer_comparison.cli import main
 
@@ -43,11 +46,6 @@ def test_a_directory_that_is_not_a_finished_run_is_named(tmp_path, capsys):
 
 
 def test_version_names_the_package_torch_and_python(capsys):
-    import platform
-    import re
-
-    import torch
-
     pyproject = (Path(CONFIG).parents[1] / "pyproject.toml").read_text()  # tomllib is Python 3.11+
     project = re.search(r'^version = "(.+)"$', pyproject, re.MULTILINE).group(1)
     assert main(["--version"]) == 0

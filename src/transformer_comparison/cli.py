@@ -44,7 +44,7 @@ class OneLineParser(argparse.ArgumentParser):
 
 def versions() -> str:
     """This package's version and the torch (with its build tag, e.g. +cpu) and Python it runs on."""
-    import torch  # already imported by the commands' modules
+    import torch  # every command imports it anyway: the parser is built before each one runs
 
     return f"tcompare {__version__} (torch {torch.__version__}, Python {platform.python_version()})"
 

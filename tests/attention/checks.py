@@ -48,8 +48,8 @@ def assert_matches_reference(
 
 
 class LargestTensor(TorchDispatchMode):
-    """Records the largest number of elements of any tensor an op produces while active, views of its
-    inputs left out: they allocate nothing (torch 2.5 dispatches a whole-tensor slice that 2.13 elides)."""
+    """Records the largest number of elements of any tensor an op produces while active, views left
+    out: they allocate nothing (torch 2.5 dispatches a whole-tensor slice that 2.13 elides)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -57,11 +57,10 @@ class LargestTensor(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        inputs = torch.utils._pytree.tree_leaves((args, kwargs))
-        storages = {t.untyped_storage().data_ptr() for t in inputs if isinstance(t, torch.Tensor)}
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in storages:
-                self.numel = max(self.numel, t.numel())
+        if not func.is_view:
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor):
+                    self.numel = max(self.numel, t.numel())
         return out
 
 

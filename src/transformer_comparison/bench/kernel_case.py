@@ -26,7 +26,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.benchmark.utils.timer import timer as torch_timer
 
 from transformer_comparison.attention import build_attention
 from transformer_comparison.attention.bias import clear_bias_cache, offsets, position_bias
@@ -165,7 +164,7 @@ def _time_beside_reference(
 
 def time_paired(
     step: Callable[[], Any], reference: Callable[[], Any], min_run_time: float, budget_s: float,
-    clock: Callable[[], float] = torch_timer,
+    clock: Callable[[], float] | None = None,
 ) -> tuple[float, float] | None:
     """(seconds per call of step, median over pairs of step / reference), timed in blocks alternately,
     A B A B, until there are MIN_PAIRS pairs and step has run min_run_time seconds. None when the
@@ -173,6 +172,10 @@ def time_paired(
 
     Blocks are the standard library's `timeit` (garbage collection off) on torch's clock, which
     synchronises CUDA; step has already run at full length (the memory measurement)."""
+    if clock is None:
+        # imported here, in the case's process: torch.utils.benchmark loads cpp_extension (0.36 s), which
+        # logs "No CUDA runtime is found" into every command's output on a CUDA build of torch without a GPU
+        from torch.utils.benchmark.utils.timer import timer as clock
     timers = [timeit.Timer(fn, timer=clock) for fn in (step, reference)]
     try:
         singles = [timer.timeit(1) for timer in timers]  # the reference's first call at this length
