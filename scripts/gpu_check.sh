@@ -47,6 +47,13 @@ stop() {  # stop MESSAGE: one line on stderr and in the log (which comes back fr
 }
 
 if compgen -G "$wheels/*.whl" >/dev/null; then  # carried wheels (scripts/gpu_wheels.sh), installed offline
+  while IFS= read -r line; do  # one wheel per pin of requirements-gpu.txt: a folder made before a pin changed is stale
+    line="${line%%#*}" && line="${line// /}"
+    if [ -z "$line" ]; then continue; fi
+    name="${line%%==*}" pin="${line#*==}"
+    compgen -G "$wheels/$(printf '%s' "$name" | tr 'A-Z-' 'a-z_')-$pin-*.whl" >/dev/null \
+      || stop "$wheels has no wheel of $name==$pin (requirements-gpu.txt); run scripts/gpu_wheels.sh again"
+  done <requirements-gpu.txt
   timeout -k 5 60 "$PY" -m pip install --quiet --disable-pip-version-check --no-index --no-deps --no-compile \
     --no-cache-dir --upgrade --target "$WORK/site" "$wheels"/*.whl >"$WORK/pip.log" 2>&1 \
     || stop "installing $wheels failed ($(grep -m 1 ERROR "$WORK/pip.log" || tail -n 1 "$WORK/pip.log")); wheels for another Python?"

@@ -76,11 +76,24 @@ def test_a_missing_package_stops_the_check_before_its_steps_with_one_line(tmp_pa
 def test_wheels_for_another_python_are_one_line_not_a_pip_traceback(tmp_path):
     wheels = tmp_path / "wheels"
     wheels.mkdir()
-    (wheels / "pydantic_core-2.50.5-cp399-cp399-manylinux_2_17_x86_64.whl").write_bytes(b"")
+    for name, pin in pins(ROOT / "requirements-gpu.txt").items():  # every pin, tagged for a Python that does not exist
+        (wheels / f"{name.replace('-', '_')}-{pin}-cp399-cp399-manylinux_2_17_x86_64.whl").write_bytes(b"")
     result = check(tmp_path, "--dry-run", WHEELS=str(wheels))
     assert result.returncode == 1
     [line] = result.stderr.strip().splitlines()
     assert line.startswith(f"gpu_check: installing {wheels} failed (") and line.endswith("wheels for another Python?")
+
+
+def test_a_wheel_folder_made_before_a_pin_changed_is_named_stale(tmp_path):
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    (wheels / "pydantic-2.14.4-py3-none-any.whl").write_bytes(b"")
+    result = check(tmp_path, "--dry-run", WHEELS=str(wheels))
+    assert result.returncode == 1
+    message = result.stderr.strip()
+    assert re.fullmatch(rf"gpu_check: {re.escape(str(wheels))} has no wheel of [\w.-]+==[\w.]+ \(requirements-gpu.txt\); "
+                        r"run scripts/gpu_wheels.sh again", message), message
+    assert " of pydantic==" not in message
 
 
 @pytest.mark.parametrize("args", [["--gpu"], ["--dry-run", "extra"]])
